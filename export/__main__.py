@@ -1,0 +1,163 @@
+"""Export a trained student to a gated int8 ONNX artefact directory.
+
+  python -m export --checkpoint checkpoints/student --out models/sentiment-minilm-int8
+
+Steps: optimum ONNX export (fp32) -> dynamic int8 for this CPU (per-channel or not, whichever agrees
+better with fp32 on dev) -> temperature fitted on dev -> evaluation on the test splits -> gate
+(agreement >= 99.5%, accuracy drop <= 0.5 point) -> model.onnx + tokenizer.json + manifest.json.
+A failed gate exits 1 with the report and writes nothing to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.data import LOADERS, load_all
+from distill.metrics import fit_temperature
+from export.gate import GateLimits, agreement, evaluation_table, gate, onnx_logits
+from export.onnx import copy_tokenizer, export_fp32, quantization_target, quantize_int8
+from service.artifact import LABELS, MODEL_FILE, Manifest, sha256_of, write_manifest
+from service.tokenization import TextEncoder
+
+
+def held_out(sources: list[str], split: str, per_source: int | None) -> list:
+    examples = [ex for ex in load_all(sources) if ex.split == split]
+    if per_source is None:
+        return examples
+    out = []
+    for source in sources:
+        out += [ex for ex in examples if ex.source == source][:per_source]
+    return out
+
+
+def latency_ms(model: Path, encoder: TextEncoder, texts: list[str], batch: int, rounds: int = 20) -> float:
+    """Median wall time of one batch (same texts every round), in milliseconds."""
+    import onnxruntime as ort
+
+    from service.runner import session_options
+
+    session = ort.InferenceSession(str(model), session_options(0), providers=["CPUExecutionProvider"])
+    input_ids, mask = encoder.pad([e.ids for e in encoder.encode((texts * batch)[:batch])])
+    feeds = {"input_ids": input_ids, "attention_mask": mask}
+    if any(i.name == "token_type_ids" for i in session.get_inputs()):
+        feeds["token_type_ids"] = np.zeros_like(input_ids)
+    session.run(None, feeds)
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(float(np.median(times)), 2)
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint: Path = args.checkpoint
+    report_path = checkpoint / "training_report.json"
+    training = json.loads(report_path.read_text()) if report_path.exists() else {}
+    max_tokens = args.max_tokens or training.get("config", {}).get("max_tokens", 256)
+    head_tokens = args.head_tokens or training.get("config", {}).get("head_tokens")
+    encoder = TextEncoder(checkpoint / "tokenizer.json", max_tokens, head_tokens)
+    dev = held_out(args.sources, "dev", args.eval_per_source)
+    test = held_out(args.sources, "test", args.eval_per_source)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        fp32_path = export_fp32(checkpoint, work / "fp32")
+        target = args.target or quantization_target()
+        dev_texts = [ex.text for ex in dev]
+        fp32_dev = onnx_logits(fp32_path, encoder, dev_texts)
+        candidates: list[tuple[float, Path, dict[str, Any]]] = []
+        for per_channel in (True, False):
+            path, qconfig = quantize_int8(work / "fp32", work / f"int8-{per_channel}", target, per_channel)
+            dev_agreement = agreement(fp32_dev, onnx_logits(path, encoder, dev_texts))
+            candidates.append((dev_agreement, path, {**qconfig, "dev_agreement": round(dev_agreement, 4)}))
+            print(f"int8 {target} per_channel={per_channel}: dev agreement {dev_agreement:.4f}", flush=True)
+        _, int8_path, qconfig = max(candidates, key=lambda c: (c[0], c[2]["per_channel"]))
+        if args.damage:  # for the gate's own test: a model whose weights were disturbed must fail
+            int8_path = damage_model(int8_path, work / "damaged.onnx", args.damage)
+        int8_dev = onnx_logits(int8_path, encoder, dev_texts)
+        temperature = fit_temperature(int8_dev, [ex.label for ex in dev])
+        test_texts = [ex.text for ex in test]
+        fp32_test, int8_test = onnx_logits(fp32_path, encoder, test_texts), onnx_logits(int8_path, encoder, test_texts)
+        verdict = gate(fp32_test, int8_test, test, GateLimits(args.min_agreement, args.max_accuracy_drop))
+        sample = [ex.text for ex in test if len(ex.text) < 200][:32] or test_texts[:32]
+        latency = {f"batch{b}_{name}_ms": latency_ms(path, encoder, sample, b)
+                   for b in (1, 32) for name, path in (("int8", int8_path), ("fp32", fp32_path))}
+        evaluation = {
+            "split": "test", "per_source_cap": args.eval_per_source,
+            "int8_calibrated": evaluation_table(int8_test, test, temperature),
+            "int8_uncalibrated_ece": {s: v["ece"] for s, v in evaluation_table(int8_test, test, 1.0).items()},
+            "fp32": {s: {k: v[k] for k in ("accuracy", "macro_f1")}
+                     for s, v in evaluation_table(fp32_test, test, 1.0).items()},
+            "gate": verdict, "latency": latency, "sizes_mb": {
+                "fp32": round(fp32_path.stat().st_size / 1e6, 1), "int8": round(int8_path.stat().st_size / 1e6, 1)},
+        }
+        print(json.dumps({"gate": verdict, "temperature": temperature, "latency": latency}, indent=2))
+        if not verdict["passed"]:
+            print("gate FAILED: " + "; ".join(verdict["failures"]), file=sys.stderr)
+            return 1
+        out: Path = args.out
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(int8_path, out / MODEL_FILE)
+        copy_tokenizer(checkpoint, out)
+    manifest = Manifest(
+        name=args.name, version=args.version, labels=LABELS, max_tokens=max_tokens, head_tokens=head_tokens,
+        sha256=sha256_of(out / MODEL_FILE), temperature=temperature, quantization=qconfig,
+        provenance={"checkpoint": str(checkpoint), "training": {k: training.get(k) for k in (
+            "config", "steps", "train_seconds", "train_examples_by_source", "teacher_labelled", "provenance")},
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        evaluation={**evaluation, "dev_training": training.get("dev")},
+    )
+    write_manifest(out, manifest)
+    print(f"wrote {out}")
+    return 0
+
+
+def damage_model(path: Path, out: Path, scale: float) -> Path:
+    """A copy of the model with noise added to every float initializer (gate self-test)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32 and array.size > 16:
+            noisy = array + rng.normal(0, scale * (float(array.std()) or 1.0), array.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--name", default="sentiment-minilm-int8")
+    parser.add_argument("--version", default=time.strftime("%Y.%m.%d"))
+    parser.add_argument("--sources", nargs="+", default=list(LOADERS), choices=list(LOADERS))
+    parser.add_argument("--eval-per-source", type=int, default=None, help="cap held-out texts per source")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--head-tokens", type=int)
+    parser.add_argument("--target", choices=["avx2", "avx512", "avx512_vnni", "arm64"])
+    parser.add_argument("--min-agreement", type=float, default=0.995)
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.005)
+    parser.add_argument("--damage", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not (args.checkpoint / "config.json").is_file():
+        print(f"error: {args.checkpoint / 'config.json'}: not a trained checkpoint", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The only wiring point: `create_app(settings)` builds the Litestar app; nothing is built at import."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from litestar import Litestar, MediaType, Response, get
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.artifact import load_artifact
+from service.errors import handle_exception
+from service.metrics import Metrics
+from service.routes import HealthController, SentimentController, provide_scorer
+from service.scoring import Scorer
+from service.settings import Settings
+
+
+def timing_middleware(metrics: Metrics):  # -> Callable[[ASGIApp], ASGIApp]
+    """Request duration by route template (bounded), method and status, for every HTTP request."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            started, status = time.perf_counter(), 500
+
+            async def send_with_status(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, send_with_status)
+            finally:
+                route = scope.get("path_template") or "unmatched"
+                metrics.request_duration.labels(route, scope["method"], str(status)).observe(
+                    time.perf_counter() - started)
+
+        return middleware
+
+    return wrap
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+    artifact = load_artifact(settings.model_dir)  # fails fast, naming the file, before anything binds
+    metrics = Metrics()
+
+    @get("/metrics", media_type=MediaType.TEXT, include_in_schema=False, sync_to_thread=False)
+    def prometheus_metrics() -> Response[bytes]:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with Scorer.started(settings, artifact, metrics) as scorer:
+            app.state.scorer = scorer
+            yield
+
+    app = Litestar(
+        route_handlers=[SentimentController, HealthController, prometheus_metrics],
+        dependencies={"scorer": Provide(provide_scorer, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers={Exception: handle_exception},
+        middleware=[timing_middleware(metrics)],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Sentiment inference service", version="1.0.0",
+                                     description="Distilled int8 student with a teacher-LLM fallback."),
+        logging_config=None,
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    return app
+
+
+def app_from_env() -> Litestar:
+    """Factory for ASGI servers (`granian --factory service.app:app_from_env`)."""
+    return create_app(Settings.from_env())
+

@@ -1,0 +1,172 @@
+"""Dynamic micro-batching: texts of concurrent requests share one inference call.
+
+Invariants (checked by tests/test_batcher.py):
+- a batch holds at least 1 and at most `max_batch_size` texts, and at most `max_batch_tokens`
+  padded tokens (texts x longest) unless a single text alone exceeds the budget;
+- the oldest pending text is always in the next batch (no starvation); the rest of the batch is
+  filled with the pending texts closest to it in length, so little compute goes to padding;
+- a batch waits at most `max_wait` for company, and not at all when its text is the only one
+  pending and no other batch is running: a lone request pays no batching delay;
+- admission is bounded: a request whose texts do not fit in the queue is refused at once;
+- every submitted future is resolved: with its own row, with the batch's error when inference
+  raises, or with a deadline / shutdown error. Callers that went away are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import ErrorKind, ServiceError
+from service.metrics import Metrics
+
+InferFn = Callable[[Sequence[list[int]]], np.ndarray]
+
+
+@dataclass
+class _Item:
+    ids: list[int]
+    future: asyncio.Future[np.ndarray]
+    deadline: float
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, infer: InferFn, metrics: Metrics, *, max_batch_size: int = 32,
+                 max_batch_tokens: int = 8192, max_wait: float = 0.002, queue_size: int = 512,
+                 workers: int = 1) -> None:
+        self._infer = infer
+        self._metrics = metrics
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.max_wait, self.queue_size, self.workers = max_wait, queue_size, workers
+        self._pending: list[_Item] = []
+        self._arrived = asyncio.Event()
+        self._running = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}") for i in range(self.workers)]
+
+    async def submit(self, sequences: Sequence[list[int]], deadline: float) -> list[np.ndarray]:
+        """Queue the texts of one request; their probability rows come back in the same order."""
+        if self._closing:
+            raise ServiceError(ErrorKind.NOT_READY, "service is shutting down", retry_after=1)
+        if len(self._pending) + len(sequences) > self.queue_size:
+            self._metrics.rejected.labels("queue_full").inc(len(sequences))
+            raise ServiceError(ErrorKind.OVERLOADED, "inference queue is full, retry shortly",
+                               {"queue_size": self.queue_size, "queued": len(self._pending)}, retry_after=1)
+        loop = asyncio.get_running_loop()
+        items = [_Item(list(ids), loop.create_future(), deadline) for ids in sequences]
+        self._pending.extend(items)
+        self._metrics.queue_depth.set(len(self._pending))
+        self._arrived.set()
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(i.future for i in items)),
+                                               timeout=max(0.0, deadline - time.perf_counter())))
+        except TimeoutError:
+            raise ServiceError(ErrorKind.DEADLINE, "request deadline exceeded before inference finished") from None
+
+    async def _worker(self) -> None:
+        while True:
+            await self._wait_for_work()
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _wait_for_work(self) -> None:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        alone = len(self._pending) == 1 and self._running == 0
+        if alone or self.max_wait <= 0:
+            return
+        until = time.perf_counter() + self.max_wait
+        while len(self._pending) < self.max_batch_size and (left := until - time.perf_counter()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=left)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Item]:
+        """The oldest live item plus the live items closest to it in length, within both limits."""
+        now = time.perf_counter()
+        live = []
+        for item in self._pending:
+            if item.future.done():  # caller gave up (deadline or disconnect)
+                self._metrics.rejected.labels("cancelled").inc()
+            elif item.deadline <= now:
+                self._metrics.rejected.labels("deadline").inc()
+                item.future.set_exception(ServiceError(ErrorKind.DEADLINE, "request deadline exceeded in queue"))
+            else:
+                live.append(item)
+        if not live:
+            self._pending = []
+            self._metrics.queue_depth.set(0)
+            return []
+        anchor, rest = live[0], live[1:]
+        width = len(anchor.ids)
+        rest.sort(key=lambda item: abs(len(item.ids) - width))
+        batch = [anchor]
+        for item in rest:
+            if len(batch) >= self.max_batch_size:
+                break
+            if max(width, len(item.ids)) * (len(batch) + 1) > self.max_batch_tokens:
+                continue
+            width = max(width, len(item.ids))
+            batch.append(item)
+        chosen = {id(item) for item in batch}
+        self._pending = [item for item in live if id(item) not in chosen]
+        self._metrics.queue_depth.set(len(self._pending))
+        return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            self._metrics.queue_wait.observe(started - item.enqueued)
+        self._metrics.batch_size.observe(len(batch))
+        self._metrics.batch_tokens.observe(len(batch) * max(len(item.ids) for item in batch))
+        self._running += 1
+        try:
+            probs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._infer, [item.ids for item in batch])
+            if len(probs) != len(batch):
+                raise RuntimeError(f"inference returned {len(probs)} rows for {len(batch)} texts")
+        except Exception as exc:
+            error = ServiceError(ErrorKind.INTERNAL, "inference failed", {"error_type": type(exc).__name__})
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        finally:
+            self._running -= 1
+            self._metrics.inference_duration.observe(time.perf_counter() - started)
+        for item, row in zip(batch, probs, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)
+
+    async def close(self, drain_timeout: float = 5.0) -> None:
+        """Stop admitting, let queued work finish (bounded), then fail whatever is left."""
+        self._closing = True
+        until = time.perf_counter() + drain_timeout
+        while (self._pending or self._running) and time.perf_counter() < until:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(ServiceError(ErrorKind.NOT_READY, "service shut down", retry_after=1))
+        self._pending = []
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,94 @@
+"""One application error type, one kind→status map, one handler.
+
+Built-in exceptions are never turned into 4xx: an unexpected error is a 500 with a generic body,
+logged with its type (never the request's text).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+log = logging.getLogger("sentiment.errors")
+
+
+class ErrorKind(enum.Enum):
+    MALFORMED_JSON = ("malformed_json", 400)
+    INVALID_REQUEST = ("invalid_request", 422)
+    UNAUTHORIZED = ("unauthorized", 401)
+    NOT_FOUND = ("not_found", 404)
+    METHOD_NOT_ALLOWED = ("method_not_allowed", 405)
+    TOO_LARGE = ("payload_too_large", 413)
+    UNSUPPORTED_MEDIA = ("unsupported_media_type", 415)
+    OVERLOADED = ("overloaded", 503)
+    NOT_READY = ("not_ready", 503)
+    DEADLINE = ("deadline_exceeded", 504)
+    TEACHER_UNAVAILABLE = ("teacher_unavailable", 503)
+    TEACHER_FAILED = ("teacher_failed", 502)
+    INTERNAL = ("internal_error", 500)
+
+    @property
+    def code(self) -> str:
+        return self.value[0]
+
+    @property
+    def status(self) -> int:
+        return self.value[1]
+
+
+class ServiceError(Exception):
+    def __init__(self, kind: ErrorKind, message: str, details: Any = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind, self.message, self.details, self.retry_after = kind, message, details, retry_after
+
+
+_HTTP_STATUS_KIND = {
+    400: ErrorKind.MALFORMED_JSON,
+    401: ErrorKind.UNAUTHORIZED,
+    404: ErrorKind.NOT_FOUND,
+    405: ErrorKind.METHOD_NOT_ALLOWED,
+    413: ErrorKind.TOO_LARGE,
+    415: ErrorKind.UNSUPPORTED_MEDIA,
+}
+
+
+def error_response(kind: ErrorKind, message: str, details: Any = None,
+                   retry_after: float | None = None) -> Response[dict[str, Any]]:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    body = {"error": {"code": kind.code, "message": message, "details": details}}
+    return Response(body, status_code=kind.status, headers=headers)
+
+
+def handle_exception(request: Request, exc: Exception) -> Response[dict[str, Any]]:
+    """Every exception that reaches Litestar becomes the JSON error body of DESIGN.md."""
+    if isinstance(exc, ServiceError):
+        return error_response(exc.kind, exc.message, exc.details, exc.retry_after)
+    if isinstance(exc, UnicodeDecodeError):  # raised only by Litestar's decoding of the request body
+        return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid UTF-8", str(exc.reason))
+    if isinstance(exc, ValidationException):
+        return _validation_response(exc)
+    if isinstance(exc, HTTPException):
+        kind = _HTTP_STATUS_KIND.get(exc.status_code, ErrorKind.INTERNAL)
+        if kind is ErrorKind.INTERNAL and exc.status_code < 500:
+            return Response({"error": {"code": "http_error", "message": exc.detail, "details": None}},
+                            status_code=exc.status_code)
+        return error_response(kind, exc.detail, exc.extra or None)
+    log.exception("unhandled error", extra={"error_type": type(exc).__name__, "path": request.url.path})
+    return error_response(ErrorKind.INTERNAL, "internal error")
+
+
+def _validation_response(exc: ValidationException) -> Response[dict[str, Any]]:
+    """Litestar raises ValidationException both for unparseable bodies and for schema violations."""
+    detail = str(exc.detail or "")
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    if "malformed" in detail.lower() or ("json" in detail.lower() and not extra):
+        return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)", detail)
+    fields = [{"field": item.get("key"), "message": item.get("message")} for item in extra if isinstance(item, dict)]
+    message = fields[0]["message"] if fields else detail
+    if fields and fields[0]["field"]:
+        message = f"{fields[0]['field']}: {message}"
+    return error_response(ErrorKind.INVALID_REQUEST, message, fields or None)

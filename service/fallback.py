@@ -1,0 +1,165 @@
+"""Teacher fallback for low-confidence texts, kept inside a budget so the student path stays fast.
+
+The budget: a cap on teacher calls in flight, a cap on the share of recent texts that may fall
+back, a teacher deadline inside the request deadline, and a circuit breaker (opens after N
+consecutive failures, lets one half-open probe through after a pause). Whatever happens to the
+teacher, the caller gets the student's answer, marked with the fallback's outcome: never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.metrics import Metrics
+from service.runner import Prediction
+from service.teacher import OK, TeacherAnswer, TeacherClient
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+BREAKER_GAUGE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int, reset_after: float, metrics: Metrics) -> None:
+        self.threshold, self.reset_after, self._metrics = failures, reset_after, metrics
+        self.state, self.failures, self.opened_at = CLOSED, 0, 0.0
+        self._probe_in_flight = False
+
+    def allow(self) -> bool:
+        if self.state == OPEN and time.monotonic() - self.opened_at >= self.reset_after:
+            self._set(HALF_OPEN)
+        if self.state == HALF_OPEN:
+            if self._probe_in_flight:
+                return False
+            self._probe_in_flight = True
+        return self.state != OPEN
+
+    def record(self, success: bool) -> None:
+        self._probe_in_flight = False
+        if success:
+            self.failures = 0
+            self._set(CLOSED)
+            return
+        self.failures += 1
+        if self.state == HALF_OPEN or self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+            self._set(OPEN)
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self._metrics.breaker_state.set(BREAKER_GAUGE[state])
+
+
+class ShareWindow:
+    """Share of the last `size` texts that went to the teacher."""
+
+    def __init__(self, max_share: float, size: int = 500) -> None:
+        self.max_share = max_share
+        self._window: deque[bool] = deque(maxlen=size)
+
+    def observe(self, count: int) -> None:
+        self._window.extend([False] * count)
+
+    def try_take(self) -> bool:
+        taken = sum(self._window)
+        if taken + 1 > max(1.0, self.max_share * len(self._window)):
+            return False
+        # Mark one of the observed texts as a fallback (the newest unmarked one).
+        for i in range(len(self._window) - 1, -1, -1):
+            if not self._window[i]:
+                self._window[i] = True
+                break
+        return True
+
+
+@dataclass(frozen=True)
+class FallbackDecision:
+    prediction: Prediction
+    source: str
+    reason: str | None = None
+    outcome: str | None = None
+
+
+class Fallback:
+    def __init__(self, client: TeacherClient | None, metrics: Metrics, *, threshold: float, max_concurrency: int,
+                 max_share: float, teacher_timeout: float, breaker_failures: int, breaker_reset: float,
+                 hard_cases_path: str = "") -> None:
+        self.client, self._metrics = client, metrics
+        self.threshold, self.teacher_timeout = threshold, teacher_timeout
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics)
+        self.share = ShareWindow(max_share)
+        self._slots = max_concurrency
+        self._in_flight = 0
+        self._hard_cases = Path(hard_cases_path) if hard_cases_path else None
+        metrics.breaker_state.set(0)
+
+    def reason_for(self, prediction: Prediction, policy: str) -> str | None:
+        if policy == "always":
+            return "forced"
+        if policy == "auto" and prediction.score < self.threshold:
+            return "low_confidence"
+        return None
+
+    async def decide(self, texts: list[str], predictions: list[Prediction], policy: str,
+                     deadline: float) -> list[FallbackDecision]:
+        """Student predictions in, final answers out (in order), each marked with its source."""
+        self.share.observe(len(texts))
+        reasons = [self.reason_for(p, policy) for p in predictions]
+        return list(await asyncio.gather(*(
+            self._one(text, prediction, reason, deadline) if reason else
+            asyncio.sleep(0, FallbackDecision(prediction, "student"))
+            for text, prediction, reason in zip(texts, predictions, reasons, strict=True))))
+
+    async def _one(self, text: str, student: Prediction, reason: str, deadline: float) -> FallbackDecision:
+        outcome, answer = await self.ask(text, deadline, forced=reason == "forced")
+        self._metrics.fallbacks.labels(reason, outcome).inc()
+        if answer is None or outcome != OK:
+            return FallbackDecision(student, "student", reason, outcome)
+        self._record_hard_case(text, student, answer, reason)
+        scores = answer.probs or {label: float(label == answer.label) for label in student.scores}
+        teacher = Prediction(label=answer.label, score=round(scores[answer.label], 6), scores=scores)
+        return FallbackDecision(teacher, "teacher", reason, outcome)
+
+    async def ask(self, text: str, deadline: float, forced: bool = False) -> tuple[str, TeacherAnswer | None]:
+        """One budgeted label call: (outcome, answer). Budget refusals never reach the teacher."""
+        if self.client is None:
+            return "disabled", None
+        if self._in_flight >= self._slots:
+            self._metrics.budget_rejections.labels("concurrency").inc()
+            return "over_budget", None
+        if not forced and not self.share.try_take():
+            self._metrics.budget_rejections.labels("share").inc()
+            return "over_budget", None
+        timeout = min(self.teacher_timeout, deadline - time.perf_counter() - 0.01)
+        if timeout <= 0.01:
+            self._metrics.budget_rejections.labels("deadline").inc()
+            return "timeout", None
+        if not self.breaker.allow():
+            return "breaker_open", None
+        self._in_flight += 1
+        try:
+            answer = await self.client.classify(text, timeout=timeout)
+        finally:
+            self._in_flight -= 1
+        self._metrics.teacher_duration.labels("label").observe(answer.seconds)
+        # A teacher that answers off-label is reachable: only timeouts and errors count against it.
+        self.breaker.record(answer.outcome in (OK, "unparseable"))
+        if answer.outcome != OK:
+            self._metrics.teacher_errors.labels("label", answer.outcome).inc()
+        return answer.outcome, answer
+
+    def _record_hard_case(self, text: str, student: Prediction, answer: TeacherAnswer, reason: str) -> None:
+        """Opt-in (it stores customer text): distill/ reads this file as extra training data."""
+        if self._hard_cases is None:
+            return
+        record = {"time": time.time(), "text": text, "reason": reason,
+                  "student": {"label": student.label, "scores": student.scores},
+                  "teacher": {"model": self.client.model if self.client else None, "label": answer.label,
+                              "probs": answer.probs}}
+        self._hard_cases.parent.mkdir(parents=True, exist_ok=True)
+        with self._hard_cases.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,0 +1,54 @@
+"""Every Prometheus metric of the service, with its buckets chosen once.
+
+Labels are bounded: route templates, status codes, the three sentiment labels, fixed reason and
+outcome sets. No message text ever becomes a label value. Each app gets its own registry, so two
+apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TEACHER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+CONFIDENCE_BUCKETS = (0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        p = "sentiment_"
+        self.request_duration = Histogram(f"{p}request_duration_seconds", "HTTP request latency",
+                                          ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(f"{p}queue_wait_seconds", "time a text waited for its batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.tokenize_duration = Histogram(f"{p}tokenize_duration_seconds", "tokenisation time per request",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram(f"{p}inference_duration_seconds", "ONNX Runtime time per batch",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{p}batch_size", "texts per inference batch", buckets=SIZE_BUCKETS,
+                                    registry=r)
+        self.batch_tokens = Histogram(f"{p}batch_tokens", "padded tokens per inference batch",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.input_tokens = Histogram(f"{p}input_tokens", "tokens per text after truncation",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.queue_depth = Gauge(f"{p}queue_depth", "texts waiting for inference", registry=r)
+        self.rejected = Counter(f"{p}rejected_total", "texts refused or dropped before inference",
+                                ["reason"], registry=r)
+        self.predictions = Counter(f"{p}predictions_total", "results returned", ["label", "source"], registry=r)
+        self.confidence = Histogram(f"{p}confidence", "student top probability", buckets=CONFIDENCE_BUCKETS,
+                                    registry=r)
+        self.truncations = Counter(f"{p}truncations_total", "texts cut to the model's max tokens", registry=r)
+        self.fallbacks = Counter(f"{p}fallbacks_total", "teacher fallbacks", ["reason", "outcome"], registry=r)
+        self.teacher_duration = Histogram(f"{p}teacher_duration_seconds", "teacher call latency", ["task"],
+                                          buckets=TEACHER_BUCKETS, registry=r)
+        self.teacher_errors = Counter(f"{p}teacher_errors_total", "failed teacher calls", ["task", "outcome"],
+                                      registry=r)
+        self.breaker_state = Gauge(f"{p}teacher_breaker_state", "0 closed, 1 half-open, 2 open", registry=r)
+        self.budget_rejections = Counter(f"{p}teacher_budget_rejections_total",
+                                         "fallbacks refused by the teacher budget", ["limit"], registry=r)
+        self.ready = Gauge(f"{p}ready", "1 when the model is loaded and warmed", registry=r)
+        self.model_info = Info(f"{p}model", "the served model", registry=r)

@@ -1,0 +1,114 @@
+"""Thin HTTP handlers: validate the contract, call the scorer, shape the response."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from litestar import Controller, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.handlers.base import BaseRouteHandler
+
+from service.errors import ErrorKind, ServiceError
+from service.schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    FallbackInfo,
+    Health,
+    ModelRef,
+    SentimentRequest,
+    SentimentResponse,
+    SentimentResult,
+    StudentVerdict,
+    TeacherRef,
+)
+from service.scoring import Scorer
+from service.settings import Settings
+
+
+def check_texts(data: SentimentRequest, settings: Settings) -> list[str]:
+    """The request's texts, or a 422 naming the offending field."""
+    if (data.texts is None) == (data.text is None):
+        raise _invalid("texts", "give exactly one of 'texts' (a list) or 'text' (a string)")
+    texts, name = ([data.text], "text") if data.text is not None else (data.texts or [], "texts")
+    if not texts:
+        raise _invalid("texts", "must contain at least one text")
+    if len(texts) > settings.max_texts:
+        raise _invalid("texts", f"at most {settings.max_texts} texts per request, got {len(texts)}")
+    for i, text in enumerate(texts):
+        where = name if data.text is not None else f"texts[{i}]"
+        if not text.strip():
+            raise _invalid(where, "must not be empty or whitespace-only")
+        if len(text) > settings.max_text_chars:
+            raise _invalid(where, f"longer than {settings.max_text_chars} characters ({len(text)})")
+    return texts
+
+
+def _invalid(field: str, message: str) -> ServiceError:
+    return ServiceError(ErrorKind.INVALID_REQUEST, f"{field}: {message}", [{"field": field, "message": message}])
+
+
+def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """With SENTIMENT_API_KEYS set, /v1 routes need `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+    keys: tuple[str, ...] = connection.app.state.settings.api_keys
+    if not keys:
+        return
+    auth = connection.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else connection.headers.get("x-api-key", "")
+    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+        raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or invalid API key")
+
+
+class SentimentController(Controller):
+    path = "/v1"
+    tags = ["sentiment"]
+    guards = [api_key_guard]
+
+    @post("/sentiment", status_code=200, summary="Score one text or a list of texts")
+    async def score(self, data: SentimentRequest, scorer: Scorer) -> SentimentResponse:
+        texts = check_texts(data, scorer.settings)
+        scored = await scorer.score(texts, data.fallback or scorer.settings.fallback)
+        manifest = scorer.artifact.manifest
+        results = [SentimentResult(
+            label=s.decision.prediction.label, score=s.decision.prediction.score,
+            scores=s.decision.prediction.scores, source=s.decision.source, truncated=s.truncated,
+            fallback=FallbackInfo(s.decision.reason, s.decision.outcome or "") if s.decision.reason else None,
+        ) for s in scored]
+        return SentimentResponse(model=ModelRef(manifest.name, manifest.version), results=results)
+
+    @post("/sentiment/explain", status_code=200, summary="The teacher's label and rationale for one text")
+    async def explain(self, data: ExplainRequest, scorer: Scorer) -> ExplainResponse:
+        text = check_texts(SentimentRequest(text=data.text), scorer.settings)[0]
+        answer, student = await scorer.explain(text)
+        assert scorer.teacher is not None and answer.label is not None
+        return ExplainResponse(label=answer.label, scores=answer.probs, rationale=answer.rationale,
+                               teacher=TeacherRef(scorer.teacher.model),
+                               student=StudentVerdict(student.decision.prediction.label,
+                                                      student.decision.prediction.score))
+
+    @get("/model", summary="The served model's manifest")
+    async def model(self, scorer: Scorer) -> dict[str, Any]:
+        return scorer.artifact.manifest.to_json()
+
+
+class HealthController(Controller):
+    path = "/health"
+    tags = ["health"]
+
+    @get("/live", summary="The process is up")
+    async def live(self) -> Health:
+        return Health(status="ok")
+
+    @get("/ready", summary="503 until the model is loaded and warmed, and while draining")
+    async def ready(self, scorer: Scorer) -> Response[Health]:
+        details = {"model_loaded": scorer.runner is not None, "warmed": scorer.ready, "draining": scorer.draining,
+                   "teacher": scorer.teacher is not None, "queue_depth": scorer.batcher.depth if scorer.batcher else 0}
+        if scorer.ready and not scorer.draining:
+            return Response(Health("ready", details))
+        return Response(Health("not_ready", details), status_code=503, headers={"Retry-After": "1"})
+
+
+def provide_scorer(state: State) -> Scorer:
+    return state.scorer
+

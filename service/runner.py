@@ -1,0 +1,82 @@
+"""The model runner: tokenise (pre), ONNX Runtime (core), softmax (post). Synchronous; it knows
+nothing of asyncio or HTTP, so the batcher can run it off the event loop and tests can call it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from service.artifact import Artifact
+from service.tokenization import Encoded, TextEncoder
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Threads by measurement on small CPUs (DESIGN.md): one per core, at most 2, no spinning.
+
+    Spinning threads on a shared core doubled latency, so inter- and intra-op spinning are off.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+class ModelRunner:
+    def __init__(self, artifact: Artifact, threads: int = 0) -> None:
+        manifest = artifact.manifest
+        self.manifest = manifest
+        self.labels = manifest.labels
+        self.encoder = TextEncoder(artifact.tokenizer_path, manifest.max_tokens, manifest.head_tokens)
+        self.session = ort.InferenceSession(str(artifact.model_path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self._inputs = {item.name for item in self.session.get_inputs()}
+        self._temperature = manifest.temperature
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        return self.encoder.encode(texts)
+
+    def logits(self, sequences: Sequence[list[int]]) -> np.ndarray:
+        input_ids, mask = self.encoder.pad(sequences)
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        return self.session.run(None, feeds)[0]
+
+    def probabilities(self, sequences: Sequence[list[int]]) -> np.ndarray:
+        logits = self.logits(sequences).astype(np.float64) / self._temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predictions(self, probs: np.ndarray) -> list[Prediction]:
+        out = []
+        for row in probs:
+            best = int(row.argmax())
+            scores = {label: round(float(p), 6) for label, p in zip(self.labels, row, strict=True)}
+            out.append(Prediction(label=self.labels[best], score=scores[self.labels[best]], scores=scores))
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Whole path for one list (warm-up, benchmarks, tests); the service goes through the batcher."""
+        return self.predictions(self.probabilities([enc.ids for enc in self.encode(texts)]))
+
+    def warm_up(self) -> None:
+        """Run every padded width class once so the first real request pays no allocation cost."""
+        for width in (8, 32, 128, self.manifest.max_tokens):
+            self.logits([[self.encoder.pad_id] * width] * 2)

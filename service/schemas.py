@@ -1,0 +1,67 @@
+"""The HTTP contract (msgspec Structs). Internal types live with the code that uses them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+FallbackPolicy = Literal["auto", "never", "always"]
+
+
+class SentimentRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Either `texts` (a list) or `text` (one string)."""
+
+    texts: list[str] | None = None
+    text: str | None = None
+    fallback: FallbackPolicy | None = None
+
+
+class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True):
+    text: str
+
+
+class FallbackInfo(msgspec.Struct):
+    reason: str  # low_confidence | forced | student_failed
+    outcome: str  # ok | unparseable | timeout | error | breaker_open | over_budget | disabled
+
+
+class SentimentResult(msgspec.Struct):
+    label: str
+    score: float
+    scores: dict[str, float]
+    source: Literal["student", "teacher"]
+    truncated: bool
+    fallback: FallbackInfo | None = None
+
+
+class ModelRef(msgspec.Struct):
+    name: str
+    version: str
+
+
+class SentimentResponse(msgspec.Struct):
+    model: ModelRef
+    results: list[SentimentResult]
+
+
+class TeacherRef(msgspec.Struct):
+    model: str
+
+
+class StudentVerdict(msgspec.Struct):
+    label: str
+    score: float
+
+
+class ExplainResponse(msgspec.Struct):
+    label: str
+    scores: dict[str, float] | None
+    rationale: str | None
+    teacher: TeacherRef
+    student: StudentVerdict
+
+
+class Health(msgspec.Struct):
+    status: str
+    details: dict[str, Any] | None = None

@@ -1,0 +1,192 @@
+"""The scoring service: request-level logic between the thin routes and the runner / batcher / teacher.
+
+It owns the lifetime of everything it builds (`async with Scorer.started(...)`): model session,
+warm-up, batcher, teacher client and, when no teacher URL is configured, the embedded teacher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from service.artifact import Artifact
+from service.batcher import Batcher
+from service.errors import ErrorKind, ServiceError
+from service.fallback import Fallback, FallbackDecision
+from service.metrics import Metrics
+from service.runner import ModelRunner, Prediction
+from service.settings import Settings
+from service.teacher import OK, TeacherAnswer, TeacherClient
+
+log = logging.getLogger("sentiment.scoring")
+
+
+@dataclass(frozen=True)
+class Scored:
+    decision: FallbackDecision
+    truncated: bool
+
+
+class Scorer:
+    def __init__(self, settings: Settings, artifact: Artifact, metrics: Metrics) -> None:
+        self.settings, self.artifact, self.metrics = settings, artifact, metrics
+        self.runner: ModelRunner | None = None
+        self.batcher: Batcher | None = None
+        self.teacher: TeacherClient | None = None
+        self.fallback: Fallback | None = None
+        self.ready = False
+        self.draining = False
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def started(cls, settings: Settings, artifact: Artifact, metrics: Metrics) -> AsyncIterator[Scorer]:
+        scorer = cls(settings, artifact, metrics)
+        tasks: list[asyncio.Task[None]] = []
+        embedded = None
+        try:
+            embedded = await scorer._start_teacher(tasks)
+            scorer._load_model()
+            tasks.append(asyncio.create_task(scorer._warm_up(), name="warm-up"))
+            yield scorer
+        finally:
+            scorer.ready, scorer.draining = False, True
+            metrics.ready.set(0)
+            if scorer.batcher:
+                await scorer.batcher.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if scorer.teacher:
+                await scorer.teacher.aclose()
+            if embedded:
+                embedded.stop()
+
+    def _load_model(self) -> None:
+        s = self.settings
+        workers = 2 if s.intra_op_threads == 1 else 1
+        self.runner = ModelRunner(self.artifact, threads=s.intra_op_threads)
+        self.batcher = Batcher(self.runner.probabilities, self.metrics, max_batch_size=s.max_batch_size,
+                               max_batch_tokens=s.max_batch_tokens, max_wait=s.max_wait_ms / 1000,
+                               queue_size=s.queue_size, workers=workers)
+        m = self.artifact.manifest
+        self.metrics.model_info.info({"name": m.name, "version": m.version, "sha256": m.sha256[:16],
+                                      "quantization": str(m.quantization.get("mode", "none"))})
+
+    async def _warm_up(self) -> None:
+        assert self.runner and self.batcher
+        for _ in range(max(1, self.settings.warmup_rounds)):
+            await asyncio.to_thread(self.runner.warm_up)
+        self.batcher.start()
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("model ready", extra={"model": self.artifact.manifest.name})
+
+    async def _start_teacher(self, tasks: list[asyncio.Task[None]]):  # -> EmbeddedTeacher | None
+        s = self.settings
+        if not s.teacher_enabled:
+            return None
+        embedded = None
+        url, model, constraint = s.teacher_url, s.teacher_model, s.teacher_constraint
+        if not url:
+            try:
+                from service.teacher_server import EmbeddedTeacher
+
+                embedded = EmbeddedTeacher()
+                await asyncio.to_thread(embedded.start)
+            except (ImportError, OSError, RuntimeError, TimeoutError) as exc:
+                log.warning("embedded teacher unavailable; fallback disabled", extra={"error": str(exc)})
+                return None
+            url, model = embedded.url, model or embedded.model_name
+            tasks.append(asyncio.create_task(embedded.supervise(), name="teacher-supervisor"))
+        if constraint == "auto":
+            constraint = "gbnf" if embedded else "none"
+        self.teacher = TeacherClient(url, model or "default", s.teacher_api_key or None, api=s.teacher_api,
+                                     constraint=constraint, timeout=max(s.teacher_timeout_s, s.explain_timeout_s),
+                                     max_concurrency=max(1, s.fallback_max_concurrency))
+        self.fallback = Fallback(self.teacher, self.metrics, threshold=s.fallback_threshold,
+                                 max_concurrency=s.fallback_max_concurrency, max_share=s.fallback_max_share,
+                                 teacher_timeout=s.teacher_timeout_s, breaker_failures=s.breaker_failures,
+                                 breaker_reset=s.breaker_reset_s, hard_cases_path=s.hard_cases_path)
+        return embedded
+
+    def _require_ready(self) -> tuple[ModelRunner, Batcher]:
+        if not self.ready or self.draining or not self.runner or not self.batcher:
+            raise ServiceError(ErrorKind.NOT_READY, "model is not ready yet", retry_after=1)
+        return self.runner, self.batcher
+
+    async def score(self, texts: list[str], policy: str) -> list[Scored]:
+        runner, batcher = self._require_ready()
+        deadline = time.perf_counter() + self.settings.request_timeout_s
+        started = time.perf_counter()
+        encoded = runner.encode(texts)
+        self.metrics.tokenize_duration.observe(time.perf_counter() - started)
+        try:
+            rows = await batcher.submit([enc.ids for enc in encoded], deadline)
+        except ServiceError as exc:
+            if exc.kind is not ErrorKind.INTERNAL or self.fallback is None:
+                raise
+            return await self._teacher_only(texts, encoded, deadline, exc)
+        predictions = runner.predictions(rows)
+        decisions = await self._decide(texts, predictions, policy, deadline)
+        for enc, decision in zip(encoded, decisions, strict=True):
+            self._observe(enc.ids, enc.truncated, decision)
+        return [Scored(d, enc.truncated) for d, enc in zip(decisions, encoded, strict=True)]
+
+    async def _decide(self, texts, predictions, policy, deadline) -> list[FallbackDecision]:
+        if self.fallback is None:
+            reasons = ("forced" if policy == "always" else "low_confidence" if policy == "auto"
+                       and p.score < self.settings.fallback_threshold else None for p in predictions)
+            return [FallbackDecision(p, "student", r, "disabled" if r else None)
+                    for p, r in zip(predictions, reasons, strict=True)]
+        return await self.fallback.decide(texts, predictions, policy, deadline)
+
+    async def _teacher_only(self, texts, encoded, deadline, error: ServiceError) -> list[Scored]:
+        """The student failed: the teacher answers each text, or the request fails with the student's error."""
+        assert self.fallback is not None
+        answers = await asyncio.gather(*(self.fallback.ask(text, deadline, forced=True) for text in texts))
+        if any(outcome != OK for outcome, _ in answers):
+            raise error
+        out = []
+        for (outcome, answer), enc in zip(answers, encoded, strict=True):
+            assert answer is not None and answer.label
+            scores = answer.probs or {label: float(label == answer.label) for label in self.artifact.manifest.labels}
+            prediction = Prediction(answer.label, round(scores[answer.label], 6), scores)
+            decision = FallbackDecision(prediction, "teacher", "student_failed", outcome)
+            self.metrics.fallbacks.labels("student_failed", outcome).inc()
+            self._observe(enc.ids, enc.truncated, decision)
+            out.append(Scored(decision, enc.truncated))
+        return out
+
+    def _observe(self, ids: list[int], truncated: bool, decision: FallbackDecision) -> None:
+        m = self.metrics
+        m.input_tokens.observe(len(ids))
+        m.predictions.labels(decision.prediction.label, decision.source).inc()
+        if decision.source == "student":
+            m.confidence.observe(decision.prediction.score)
+        if truncated:
+            m.truncations.inc()
+
+    async def explain(self, text: str) -> tuple[TeacherAnswer, Scored]:
+        """The teacher's label and rationale, beside the student's own verdict."""
+        if self.teacher is None:
+            raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "no teacher is configured or running", retry_after=5)
+        student_task = asyncio.create_task(self.score([text], "never"))
+        if self.fallback and not self.fallback.breaker.allow():
+            student_task.cancel()
+            raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "teacher circuit breaker is open",
+                               retry_after=self.settings.breaker_reset_s)
+        answer = await self.teacher.explain(text, timeout=self.settings.explain_timeout_s)
+        self.metrics.teacher_duration.labels("explain").observe(answer.seconds)
+        if self.fallback:
+            self.fallback.breaker.record(answer.outcome in (OK, "unparseable"))
+        student = (await student_task)[0]
+        if answer.outcome != OK:
+            self.metrics.teacher_errors.labels("explain", answer.outcome).inc()
+            kind = ErrorKind.TEACHER_UNAVAILABLE if answer.outcome in ("timeout", "error") else ErrorKind.TEACHER_FAILED
+            raise ServiceError(kind, f"teacher answer: {answer.outcome}", {"outcome": answer.outcome,
+                                                                            "detail": answer.detail})
+        return answer, student

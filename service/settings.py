@@ -1,0 +1,95 @@
+"""Service settings from SENTIMENT_* environment variables; every field has a documented default.
+
+README's configuration table is this class: `python -m service --print-settings` prints it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "sentiment-minilm-int8"
+
+
+def _doc(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _doc("127.0.0.1", "address to bind")
+    port: int = _doc(8000, "port to bind")
+    server: str = _doc("granian", "ASGI server: granian or uvicorn")
+    model_dir: Path = _doc(DEFAULT_MODEL_DIR, "model artefact directory (model.onnx, tokenizer.json, manifest.json)")
+    intra_op_threads: int = _doc(0, "ONNX Runtime threads per inference (0: one per core, at most 2)")
+    warmup_rounds: int = _doc(3, "warm-up passes over every padded width before the service reports ready")
+    max_batch_size: int = _doc(32, "most texts in one inference call")
+    max_batch_tokens: int = _doc(8192, "most padded tokens (texts x longest) in one inference call")
+    max_wait_ms: float = _doc(2.0, "longest a batch waits for company; 0 when nothing else is queued or running")
+    queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
+    request_timeout_s: float = _doc(5.0, "request deadline; past it the answer is 504")
+    max_texts: int = _doc(64, "most texts in one request")
+    max_text_chars: int = _doc(10_000, "longest text in characters")
+    max_body_bytes: int = _doc(1_048_576, "largest request body")
+    api_keys: tuple[str, ...] = _doc((), "comma-separated API keys; empty: no authentication")
+    teacher_url: str = _doc("", "OpenAI-compatible base URL of the teacher; empty: start the embedded one")
+    teacher_model: str = _doc("", "teacher model name (empty: the embedded teacher's)")
+    teacher_api_key: str = _doc("", "bearer token for the teacher")
+    teacher_api: str = _doc("completions", "teacher API: completions (few-shot) or chat")
+    teacher_constraint: str = _doc("auto", "label constraint: gbnf (llama.cpp), vllm, none; auto: gbnf if embedded")
+    teacher_enabled: bool = _doc(True, "false: no teacher at all (fallback and explain answer 503)")
+    teacher_timeout_s: float = _doc(2.0, "teacher deadline inside the request deadline")
+    explain_timeout_s: float = _doc(20.0, "deadline of an explanation call")
+    fallback: str = _doc("never", "default fallback policy: auto, never or always")
+    fallback_threshold: float = _doc(0.6, "auto: below this student confidence the teacher decides")
+    fallback_max_concurrency: int = _doc(2, "teacher calls in flight at once")
+    fallback_max_share: float = _doc(0.2, "most share of recent texts that may go to the teacher")
+    breaker_failures: int = _doc(3, "consecutive teacher failures that open the circuit breaker")
+    breaker_reset_s: float = _doc(10.0, "seconds the breaker stays open before one half-open probe")
+    hard_cases_path: str = _doc("", "JSONL file to append fallback texts and teacher answers to (stores customer text)")
+    log_level: str = _doc("INFO", "log level")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"SENTIMENT_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, f.default)
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        if self.fallback not in ("auto", "never", "always"):
+            raise ValueError(f"SENTIMENT_FALLBACK must be auto, never or always, not {self.fallback!r}")
+        if self.server not in ("granian", "uvicorn"):
+            raise ValueError(f"SENTIMENT_SERVER must be granian or uvicorn, not {self.server!r}")
+        if min(self.max_batch_size, self.queue_size, self.max_texts, self.max_text_chars) < 1:
+            raise ValueError("batch size, queue size, max texts and max text chars must be at least 1")
+        return self
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        return [(f"SENTIMENT_{f.name.upper()}", str(f.default) if f.default != () else "", f.metadata["doc"])
+                for f in fields(cls)]
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, tuple):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"SENTIMENT_{name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
+    return raw
