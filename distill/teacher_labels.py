@@ -36,6 +36,8 @@ class LabelCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
+        # A run killed mid-write leaves a torn last line: start the next record on a fresh line.
+        self._torn_tail = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         if path.exists():
             with path.open(encoding="utf-8") as handle:
                 for number, line in enumerate(handle, 1):
@@ -53,6 +55,9 @@ class LabelCache:
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
+            if self._torn_tail:
+                handle.write("\n")
+                self._torn_tail = False
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
         self.records[record["key"]] = record

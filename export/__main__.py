@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.data import LOADERS, load_all
+from distill.data import LOADERS, Example, load_all, sample
 from distill.metrics import fit_temperature
 from export.gate import GateLimits, agreement, evaluation_table, gate, onnx_logits
 from export.onnx import copy_tokenizer, export_fp32, quantization_target, quantize_int8
@@ -29,14 +29,11 @@ from service.artifact import LABELS, MODEL_FILE, Manifest, sha256_of, write_mani
 from service.tokenization import TextEncoder
 
 
-def held_out(sources: list[str], split: str, per_source: int | None) -> list:
-    examples = [ex for ex in load_all(sources) if ex.split == split]
+def held_out(sources: list[str], split: str, per_source: int | None) -> list[Example]:
+    examples = load_all(sources)
     if per_source is None:
-        return examples
-    out = []
-    for source in sources:
-        out += [ex for ex in examples if ex.source == source][:per_source]
-    return out
+        return [ex for ex in examples if ex.split == split]
+    return sample(examples, split, per_source)
 
 
 def latency_ms(model: Path, encoder: TextEncoder, texts: list[str], batch: int, rounds: int = 20) -> float:
@@ -130,9 +127,15 @@ def damage_model(path: Path, out: Path, scale: float) -> Path:
     rng = np.random.default_rng(0)
     for init in model.graph.initializer:
         array = numpy_helper.to_array(init)
-        if array.dtype == np.float32 and array.size > 16:
+        if array.dtype == np.float32:
             noisy = array + rng.normal(0, scale * (float(array.std()) or 1.0), array.shape).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+        elif array.dtype in (np.int8, np.uint8):
+            info = np.iinfo(array.dtype)
+            shift = rng.normal(0, scale * (float(array.std()) or 1.0), array.shape)
+            noisy = np.clip(array.astype(np.float64) + shift, info.min, info.max).astype(array.dtype)
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(noisy, init.name))
     onnx.save(model, str(out))
     return out
 
@@ -153,10 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-accuracy-drop", type=float, default=0.005)
     parser.add_argument("--damage", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not (args.checkpoint / "config.json").is_file():
-        print(f"error: {args.checkpoint / 'config.json'}: not a trained checkpoint", file=sys.stderr)
+    problem = checkpoint_problem(args.checkpoint)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     return run(args)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """A checkpoint must carry its tokenizer, and the tokenizer's ids must fit the model's vocabulary."""
+    from tokenizers import Tokenizer
+
+    for name in ("config.json", "tokenizer.json"):
+        if not (checkpoint / name).is_file():
+            return f"{checkpoint / name}: missing, not a trained checkpoint"
+    vocab = json.loads((checkpoint / "config.json").read_text()).get("vocab_size")
+    tokens = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).get_vocab_size()
+    if vocab is not None and tokens > vocab:
+        return (f"{checkpoint / 'tokenizer.json'}: tokenizer has {tokens} ids but the model's vocab_size is "
+                f"{vocab}: checkpoint and tokenizer do not match")
+    return None
 
 
 if __name__ == "__main__":

@@ -143,11 +143,11 @@ class Batcher:
                 self._executor, self._infer, [item.ids for item in batch])
             if len(probs) != len(batch):
                 raise RuntimeError(f"inference returned {len(probs)} rows for {len(batch)} texts")
-        except Exception as exc:
-            error = ServiceError(ErrorKind.INTERNAL, "inference failed", {"error_type": type(exc).__name__})
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+        except asyncio.CancelledError:  # shutting down mid-batch: its callers must not hang
+            self._fail(batch, ServiceError(ErrorKind.NOT_READY, "service shut down", retry_after=1))
+            raise
+        except Exception as exc:  # every waiting caller must hear about it
+            self._fail(batch, ServiceError(ErrorKind.INTERNAL, "inference failed", {"error_type": type(exc).__name__}))
             return
         finally:
             self._running -= 1
@@ -155,6 +155,12 @@ class Batcher:
         for item, row in zip(batch, probs, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+
+    @staticmethod
+    def _fail(items: list[_Item], error: ServiceError) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
 
     async def close(self, drain_timeout: float = 5.0) -> None:
         """Stop admitting, let queued work finish (bounded), then fail whatever is left."""
@@ -165,8 +171,6 @@ class Batcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for item in self._pending:
-            if not item.future.done():
-                item.future.set_exception(ServiceError(ErrorKind.NOT_READY, "service shut down", retry_after=1))
+        self._fail(self._pending, ServiceError(ErrorKind.NOT_READY, "service shut down", retry_after=1))
         self._pending = []
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,129 @@
+"""Shared fixtures: a tiny model built through the project's own train + export path, the real
+embedded teacher, and the real service started as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.teacher_server import EmbeddedTeacher, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def run_module(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def build_tiny_backbone(directory: Path) -> Path:
+    """MiniLM cut to its first layer: real embeddings, so 80 steps learn real sentiment in seconds."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from distill.data import backbone_dir
+
+    AutoModel.from_pretrained(backbone_dir(), num_hidden_layers=1).save_pretrained(directory)
+    shutil.copy(backbone_dir() / "tokenizer.json", directory / "tokenizer.json")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def teacher() -> Iterator[EmbeddedTeacher]:
+    """The real embedded teacher (llama.cpp server with SmolLM2-135M) on a free loopback port."""
+    server = EmbeddedTeacher()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def label_cache(tmp_path_factory: pytest.TempPathFactory, teacher: EmbeddedTeacher) -> Path:
+    """Teacher answers for a few dozen train texts, produced by the real labelling command."""
+    cache = tmp_path_factory.mktemp("teacher") / "answers.jsonl"
+    run_module("distill", "label", "--teacher-url", teacher.url, "--teacher-model", teacher.model_name,
+               "--constraint", "gbnf", "--sources", "tweets", "rotten_tomatoes", "--per-source", "12",
+               "--rewrite-per-source", "3", "--cache", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, label_cache: Path) -> Path:
+    """A real artefact directory: tiny backbone -> distill train (human + teacher) -> export (int8, gate)."""
+    work = tmp_path_factory.mktemp("pipeline")
+    backbone = build_tiny_backbone(work / "backbone")
+    run_module("distill", "train", "--backbone", str(backbone), "--sources", "tweets", "rotten_tomatoes",
+               "--cap", "tweets=400", "rotten_tomatoes=400", "--epochs", "5", "--max-steps", "80", "--dev-per-source", "40",
+               "--max-tokens", "48", "--head-tokens", "16", "--lr", "3e-4", "--teacher-cache", str(label_cache),
+               "--out", str(work / "checkpoint"))
+    run_module("export", "--checkpoint", str(work / "checkpoint"), "--out", str(work / "model"),
+               "--sources", "tweets", "rotten_tomatoes", "--eval-per-source", "80", "--name", "tiny-test",
+               "--version", "0.0.1", "--min-agreement", "0.95", "--max-accuracy-drop", "0.05")
+    return work / "model"
+
+
+class Service:
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url, self.process, self.log = url, process, log
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+@contextlib.contextmanager
+def running_service(model_dir: Path, log_dir: Path, wait_ready: bool = True, **env: str) -> Iterator[Service]:
+    """The real service (`python -m service`) on a free port; stopped with SIGTERM at the end."""
+    port = free_port()
+    settings = {"SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_PORT": str(port), "SENTIMENT_HOST": "127.0.0.1",
+                "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_WARMUP_ROUNDS": "1", **env}
+    log = log_dir / f"service-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), **settings})
+    service = Service(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"service exited early:\n{log.read_text()[-3000:]}")
+            try:
+                response = httpx.get(f"{service.url}/health/{'ready' if wait_ready else 'live'}", timeout=1)
+                if response.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"service not ready:\n{log.read_text()[-3000:]}")
+        yield service
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running_service(tiny_model, tmp_path_factory.mktemp("logs"), SENTIMENT_MAX_TEXTS="8",
+                         SENTIMENT_MAX_TEXT_CHARS="2000", SENTIMENT_MAX_BODY_BYTES="20000") as svc:
+        yield svc

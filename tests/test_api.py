@@ -1,0 +1,209 @@
+"""The real service over real HTTP with a real (tiny) ONNX model: routes, ordering, errors, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.artifact import LABELS, load_artifact
+from service.runner import ModelRunner
+from tests.conftest import ROOT, running_service
+
+TEXTS = ["I love it", "This is terrible", "Where is my parcel?", "meh", "Fantastic support, thank you!",
+         "The app crashed again and I lost my work", "ok", "Refund me now."]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model: Path) -> ModelRunner:
+    return ModelRunner(load_artifact(tiny_model))
+
+
+def assert_matches_runner(results: list[dict], texts: list[str], runner: ModelRunner) -> None:
+    expected = runner.predict(texts)
+    assert [r["label"] for r in results] == [p.label for p in expected]
+    for got, want in zip(results, expected, strict=True):
+        for label in LABELS:
+            assert got["scores"][label] == pytest.approx(want.scores[label], abs=1e-4)
+
+
+def test_scores_in_input_order_and_match_the_model(service, runner) -> None:
+    with service.client() as client:
+        response = client.post("/v1/sentiment", json={"texts": TEXTS})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == {"name": "tiny-test", "version": "0.0.1"}
+    assert len(body["results"]) == len(TEXTS)
+    for result in body["results"]:
+        assert result["label"] in LABELS and result["source"] == "student" and result["fallback"] is None
+        assert abs(sum(result["scores"].values()) - 1.0) < 1e-4
+        assert result["score"] == max(result["scores"].values())
+    assert_matches_runner(body["results"], TEXTS, runner)
+
+
+def test_single_text_form(service, runner) -> None:
+    with service.client() as client:
+        body = client.post("/v1/sentiment", json={"text": "Fantastic support, thank you!"}).json()
+    assert len(body["results"]) == 1
+    assert_matches_runner(body["results"], ["Fantastic support, thank you!"], runner)
+
+
+def test_truncation_is_flagged_per_text(service) -> None:
+    long_text = "the delivery was late and the box was damaged " * 20  # far over the 48-token budget
+    with service.client() as client:
+        results = client.post("/v1/sentiment", json={"texts": ["short one", long_text]}).json()["results"]
+    assert [r["truncated"] for r in results] == [False, True]
+
+
+def test_concurrent_requests_each_get_their_own_results(service, runner) -> None:
+    rng = random.Random(7)
+    requests = [rng.sample(TEXTS, rng.randint(1, 6)) for _ in range(40)]
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/sentiment", json={"texts": t}) for t in requests))
+
+    responses = asyncio.run(fire())
+    for texts, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200
+        assert_matches_runner(response.json()["results"], texts, runner)
+    with service.client() as client:
+        metrics = client.get("/metrics").text
+    # Concurrent texts really were batched together at least once.
+    assert "sentiment_batch_size_bucket" in metrics
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line[:1] != "#"}
+    assert values["sentiment_batch_size_sum"] / values["sentiment_batch_size_count"] > 1.0
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), [
+    (b'{"texts": [', 400, "malformed_json", None),
+    (b'{"text": "\xff\xfe bad"}', 400, "malformed_json", None),
+    (b'{"texts": "not a list"}', 422, "invalid_request", "texts"),
+    (b'{"texts": [1, 2]}', 422, "invalid_request", "texts[0]"),
+    (b"{}", 422, "invalid_request", "texts"),
+    (b'{"texts": []}', 422, "invalid_request", "texts"),
+    (b'{"texts": ["fine", "   "]}', 422, "invalid_request", "texts[1]"),
+    (b'{"text": ""}', 422, "invalid_request", "text"),
+    (b'{"texts": ["a"], "text": "b"}', 422, "invalid_request", "texts"),
+    (b'{"texts": ["a","b","c","d","e","f","g","h","i"]}', 422, "invalid_request", "texts"),
+    (b'{"text": "' + b"x" * 2001 + b'"}', 422, "invalid_request", "text"),
+    (b'{"texts": ["a"], "fallback": "sometimes"}', 422, "invalid_request", "fallback"),
+    (b'{"texts": ["a"], "colour": "red"}', 422, "invalid_request", None),
+    (b'{"text": "' + b"y" * 30000 + b'"}', 413, "payload_too_large", None),
+])
+def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(service, body, status, code, field) -> None:
+    with service.client() as client:
+        response = client.post("/v1/sentiment", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code and error["message"]
+        if field:
+            assert field in error["message"]
+        assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
+
+
+def test_unknown_route_and_wrong_method(service) -> None:
+    with service.client() as client:
+        missing = client.get("/v2/nothing")
+        wrong = client.get("/v1/sentiment")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_model_health_docs_and_metrics_routes(service, tiny_model) -> None:
+    with service.client() as client:
+        manifest = client.get("/v1/model").json()
+        assert manifest["sha256"] == load_artifact(tiny_model).manifest.sha256
+        assert manifest["labels"] == list(LABELS)
+        assert client.get("/health/live").json()["status"] == "ok"
+        assert client.get("/health/ready").status_code == 200
+        spec = client.get("/schema/openapi.json").json()
+        assert "/v1/sentiment" in spec["paths"] and "/v1/sentiment/explain" in spec["paths"]
+        client.post("/v1/sentiment", json={"texts": ["good", "bad"]})
+        metrics = client.get("/metrics").text
+    for name in ("sentiment_request_duration_seconds_bucket", "sentiment_queue_wait_seconds_bucket",
+                 "sentiment_inference_duration_seconds_bucket", "sentiment_batch_tokens_bucket",
+                 "sentiment_input_tokens_bucket", "sentiment_queue_depth", "sentiment_predictions_total",
+                 "sentiment_confidence_bucket", "sentiment_truncations_total", "sentiment_model_info"):
+        assert name in metrics, name
+    assert 'route="/v1/sentiment"' in metrics and 'name="tiny-test"' in metrics
+    assert "still here" not in metrics  # no message text in any label
+
+
+def test_api_keys_guard_the_v1_routes(tiny_model, tmp_path) -> None:
+    with running_service(tiny_model, tmp_path, SENTIMENT_API_KEYS="k1,k2") as svc, svc.client() as client:
+        assert client.post("/v1/sentiment", json={"text": "hi"}).status_code == 401
+        assert client.post("/v1/sentiment", json={"text": "hi"}, headers={"x-api-key": "nope"}).status_code == 401
+        assert client.post("/v1/sentiment", json={"text": "hi"}, headers={"x-api-key": "k2"}).status_code == 200
+        ok = client.post("/v1/sentiment", json={"text": "hi"}, headers={"authorization": "Bearer k1"})
+        assert ok.status_code == 200
+        assert client.get("/health/ready").status_code == 200  # probes need no key
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_model, tmp_path) -> None:
+    with running_service(tiny_model, tmp_path, SENTIMENT_QUEUE_SIZE="4", SENTIMENT_MAX_TEXTS="4") as svc:
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=svc.url, timeout=30) as client:
+                body = {"texts": ["a fairly long customer message about a late delivery " * 4] * 4}
+                return await asyncio.gather(*(client.post("/v1/sentiment", json=body) for _ in range(30)))
+
+        responses = asyncio.run(flood())
+        statuses = {r.status_code for r in responses}
+        assert statuses <= {200, 503} and 503 in statuses and 200 in statuses
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1"
+        assert rejected.json()["error"]["code"] == "overloaded"
+
+
+def test_deadline_exceeded_is_504(tiny_model, tmp_path) -> None:
+    with running_service(tiny_model, tmp_path, SENTIMENT_REQUEST_TIMEOUT_S="0.000001") as svc, svc.client() as client:
+        response = client.post("/v1/sentiment", json={"text": "hello"})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_readiness_is_503_until_warm_up_finishes(tiny_model, tmp_path) -> None:
+    env = {"SENTIMENT_WARMUP_ROUNDS": "400"}
+    with running_service(tiny_model, tmp_path, wait_ready=False, **env) as svc, svc.client() as client:
+        early = client.get("/health/ready")
+        assert early.status_code == 503 and early.json()["details"]["warmed"] is False
+        scored = client.post("/v1/sentiment", json={"text": "too early"})
+        assert scored.status_code == 503 and scored.json()["error"]["code"] == "not_ready"
+        for _ in range(600):
+            if client.get("/health/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert client.get("/health/ready").status_code == 200
+        assert client.post("/v1/sentiment", json={"text": "now"}).status_code == 200
+
+
+@pytest.mark.parametrize("damage", ["missing", "hash", "labels"])
+def test_a_broken_artefact_stops_the_start_with_one_line_naming_the_file(tiny_model, tmp_path, damage) -> None:
+    import json
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    if damage == "missing":
+        (broken / "tokenizer.json").unlink()
+        named = "tokenizer.json"
+    elif damage == "hash":
+        with (broken / "model.onnx").open("ab") as handle:
+            handle.write(b"\0")
+        named = "model.onnx"
+    else:
+        manifest = json.loads((broken / "manifest.json").read_text())
+        manifest["labels"] = ["bad", "good"]
+        (broken / "manifest.json").write_text(json.dumps(manifest))
+        named = "manifest.json"
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+                                             "SENTIMENT_MODEL_DIR": str(broken)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and lines[0].startswith("error:")

@@ -1,0 +1,147 @@
+"""Property tests of the micro-batcher's invariants (hypothesis).
+
+The batcher is generic over the function it batches; here that function is a pure one whose
+output row encodes its input, so every caller can check it got exactly its own rows, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.batcher import Batcher
+from service.errors import ErrorKind, ServiceError
+from service.metrics import Metrics
+
+
+class RecordingInfer:
+    """Row i = (first id, length, sum of ids): unique per sequence in these tests. Records batch shapes."""
+
+    def __init__(self, delay: float = 0.0, fail_when: int | None = None) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.delay, self.fail_when = delay, fail_when
+        self.lock = threading.Lock()
+
+    def __call__(self, sequences):
+        with self.lock:
+            self.batches.append((len(sequences), max(len(s) for s in sequences)))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_when is not None and any(s[0] == self.fail_when for s in sequences):
+            raise RuntimeError("boom")
+        return np.array([[s[0], len(s), sum(s)] for s in sequences], dtype=np.float64)
+
+
+def sequence(tag: int, length: int) -> list[int]:
+    return [tag] + [1] * (length - 1)
+
+
+requests_strategy = st.lists(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=6),
+                             min_size=1, max_size=25)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=requests_strategy, max_batch_size=st.integers(1, 8), max_batch_tokens=st.integers(8, 120),
+       max_wait=st.sampled_from([0.0, 0.001, 0.003]), workers=st.integers(1, 2))
+def test_every_caller_gets_its_own_rows_in_order_and_limits_hold(requests, max_batch_size, max_batch_tokens,
+                                                                 max_wait, workers) -> None:
+    infer = RecordingInfer(delay=0.0005)
+
+    async def scenario() -> None:
+        batcher = Batcher(infer, Metrics(), max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                          max_wait=max_wait, queue_size=10_000, workers=workers)
+        batcher.start()
+        tag = iter(range(1000, 10**6))
+        tagged = [[sequence(next(tag), length) for length in lengths] for lengths in requests]
+        deadline = time.perf_counter() + 30
+        results = await asyncio.gather(*(batcher.submit(seqs, deadline) for seqs in tagged))
+        for seqs, rows in zip(tagged, results, strict=True):
+            assert [int(row[0]) for row in rows] == [s[0] for s in seqs]
+            assert [int(row[1]) for row in rows] == [len(s) for s in seqs]
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert sum(size for size, _ in infer.batches) == sum(len(r) for r in requests)
+    for size, width in infer.batches:
+        assert 1 <= size <= max_batch_size
+        assert size == 1 or size * width <= max_batch_tokens
+
+
+@settings(max_examples=30, deadline=None)
+@given(queue_size=st.integers(1, 20), burst=st.integers(1, 40))
+def test_a_full_queue_rejects_instead_of_growing(queue_size, burst) -> None:
+    infer = RecordingInfer(delay=0.01)
+
+    async def scenario() -> tuple[int, int]:
+        batcher = Batcher(infer, Metrics(), max_batch_size=2, max_wait=0.0, queue_size=queue_size)
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        outcomes = await asyncio.gather(*(batcher.submit([[i + 1, 2]], deadline) for i in range(burst)),
+                                        return_exceptions=True)
+        await batcher.close()
+        rejected = [o for o in outcomes if isinstance(o, ServiceError)]
+        assert all(e.kind is ErrorKind.OVERLOADED and e.retry_after for e in rejected)
+        return burst - len(rejected), len(rejected)
+
+    accepted, rejected = asyncio.run(scenario())
+    # All submissions arrive before the worker runs, so exactly queue_size fit.
+    assert accepted == min(burst, queue_size) and rejected == max(0, burst - queue_size)
+
+
+def test_a_lone_request_pays_no_batching_delay() -> None:
+    infer = RecordingInfer()
+
+    async def scenario() -> float:
+        batcher = Batcher(infer, Metrics(), max_wait=5.0)  # a huge wait would show if it were applied
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit([[7, 1, 1]], time.perf_counter() + 30)
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 1.0
+
+
+def test_a_failing_batch_fails_every_caller_in_it_and_the_next_batch_still_runs() -> None:
+    infer = RecordingInfer(fail_when=666)
+
+    async def scenario() -> None:
+        batcher = Batcher(infer, Metrics(), max_batch_size=8, max_wait=0.01)
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        outcomes = await asyncio.gather(batcher.submit([[666, 1]], deadline), batcher.submit([[5, 1]], deadline),
+                                        return_exceptions=True)
+        assert all(isinstance(o, ServiceError) and o.kind is ErrorKind.INTERNAL for o in outcomes)
+        rows = await batcher.submit([[9, 1]], deadline)
+        assert int(rows[0][0]) == 9
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_deadline_in_queue_and_shutdown_leave_no_caller_hanging() -> None:
+    infer = RecordingInfer(delay=0.2)
+
+    async def scenario() -> None:
+        batcher = Batcher(infer, Metrics(), max_batch_size=1, max_wait=0.0)
+        batcher.start()
+        slow = asyncio.create_task(batcher.submit([[1, 1]], time.perf_counter() + 30))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServiceError) as info:
+            await batcher.submit([[2, 1]], time.perf_counter() + 0.05)
+        assert info.value.kind is ErrorKind.DEADLINE
+        waiting = asyncio.create_task(batcher.submit([[3, 1]], time.perf_counter() + 30))
+        await asyncio.sleep(0)
+        await batcher.close(drain_timeout=0.0)
+        for task in (slow, waiting):
+            outcome = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=5)
+            assert not isinstance(outcome[0], asyncio.CancelledError)
+
+    asyncio.run(scenario())
