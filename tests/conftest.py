@@ -69,7 +69,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, label_cache: Path) -> P
     work = tmp_path_factory.mktemp("pipeline")
     backbone = build_tiny_backbone(work / "backbone")
     run_module("distill", "train", "--backbone", str(backbone), "--sources", "tweets", "rotten_tomatoes",
-               "--cap", "tweets=400", "rotten_tomatoes=400", "--epochs", "5", "--max-steps", "80", "--dev-per-source", "40",
+               "--cap", "tweets=400", "rotten_tomatoes=400", "--epochs", "5", "--max-steps", "80",
+               "--dev-per-source", "40",
                "--max-tokens", "48", "--head-tokens", "16", "--lr", "3e-4", "--teacher-cache", str(label_cache),
                "--out", str(work / "checkpoint"))
     run_module("export", "--checkpoint", str(work / "checkpoint"), "--out", str(work / "model"),

@@ -1,0 +1,156 @@
+"""Serving benchmark, one run, one model file: in-process ONNX Runtime (the limit) vs the service over
+HTTP at 1 and 64 concurrent clients, under uvicorn and granian. Prints medians and ratios.
+
+  python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 8]
+
+The machine is shared and noisy: read the ratios, not a lone absolute time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.artifact import load_artifact  # noqa: E402
+from service.runner import ModelRunner  # noqa: E402
+from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
+from service.teacher_server import free_port  # noqa: E402
+
+# Short customer-service messages (the product's traffic), varied in length.
+MESSAGES = [
+    "Where is my order? It was supposed to arrive yesterday.",
+    "Thanks so much, the replacement works perfectly!",
+    "I was charged twice for the same subscription, please fix this.",
+    "How do I change the delivery address on my account?",
+    "Absolutely terrible experience, nobody answers the phone.",
+    "The app is fine I guess.",
+    "Great support today, Maria solved it in five minutes.",
+    "Can I return an item after 30 days?",
+    "This is the third time the package arrived damaged. I want a refund now.",
+    "ok",
+    "Love the new update, much faster than before!",
+    "My invoice shows the wrong VAT number.",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def in_process(model: Path, seconds: float) -> dict[str, float]:
+    """ORT alone: single-text latency (p50) and batched throughput (batch 8 and 32, length-sorted)."""
+    runner = ModelRunner(load_artifact(model))
+    runner.warm_up()
+    single, until = [], time.perf_counter() + seconds / 2
+    i = 0
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        runner.predict([MESSAGES[i % len(MESSAGES)]])
+        single.append(time.perf_counter() - started)
+        i += 1
+    out = {"single_p50_ms": statistics.median(single) * 1000}
+    encoded = sorted((e.ids for e in runner.encode(MESSAGES * 8)), key=len)
+    for batch in (8, 32):
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 4:
+            for start in range(0, len(encoded), batch):
+                chunk = encoded[start:start + batch]
+                runner.probabilities(chunk)
+                done += len(chunk)
+        out[f"batch{batch}_texts_per_s"] = done / (time.perf_counter() - started)
+    return out
+
+
+async def load(url: str, clients: int, seconds: float) -> dict[str, float]:
+    """`clients` closed-loop clients, one text per request; latency percentiles and texts/s."""
+    latencies: list[float] = []
+    errors = 0
+    until = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async def one_client(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < until:
+                started = time.perf_counter()
+                response = await client.post("/v1/sentiment", json={"text": MESSAGES[i % len(MESSAGES)]})
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+                i += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+    return {"texts_per_s": len(latencies) / elapsed, "p50_ms": percentile(latencies, 0.5) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000, "errors": errors}
+
+
+def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_PORT": str(port),
+           "SENTIMENT_SERVER": server, "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_LOG_LEVEL": "WARNING",
+           "SENTIMENT_QUEUE_SIZE": "4096", **extra}
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{server} did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"])
+    parser.add_argument("--configs", nargs="+", default=["threads2", "streams2"],
+                        help="threads2: one inference stream with 2 ORT threads; streams2: two streams of 1 thread")
+    args = parser.parse_args()
+    results: dict[str, dict] = {"in_process": in_process(args.model, args.seconds)}
+    configs = {"threads2": {"SENTIMENT_INTRA_OP_THREADS": "2"}, "streams2": {"SENTIMENT_INTRA_OP_THREADS": "1"}}
+    for server in args.servers:
+        for name in args.configs:
+            process, url = serve(args.model, server, configs[name])
+            try:
+                asyncio.run(load(url, 4, 1.0))  # warm connections and code paths
+                results[f"{server}/{name}"] = {f"c{c}": asyncio.run(load(url, c, args.seconds)) for c in (1, 64)}
+            finally:
+                process.terminate()
+                process.wait(timeout=15)
+    limit = results["in_process"]
+    print(json.dumps(results, indent=2, default=lambda v: round(v, 2)))
+    print(f"\nin-process ORT: single text p50 {limit['single_p50_ms']:.2f} ms, "
+          f"batch 8 {limit['batch8_texts_per_s']:.0f} texts/s, batch 32 {limit['batch32_texts_per_s']:.0f} texts/s")
+    print(f"{'config':22} {'c1 p50 ms':>10} {'c1/ORT':>7} {'c64 texts/s':>12} {'c64/ORT b8':>11} {'c64 p99 ms':>11}")
+    for name, figures in results.items():
+        if name == "in_process":
+            continue
+        c1, c64 = figures["c1"], figures["c64"]
+        print(f"{name:22} {c1['p50_ms']:10.2f} {c1['p50_ms'] / limit['single_p50_ms']:7.2f} "
+              f"{c64['texts_per_s']:12.0f} {c64['texts_per_s'] / limit['batch8_texts_per_s']:11.2f} "
+              f"{c64['p99_ms']:11.1f}")
+
+
+if __name__ == "__main__":
+    main()
