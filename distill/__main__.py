@@ -133,6 +133,21 @@ def teacher_targets(cache_path: Path, examples: list[Example]) -> tuple[dict[str
     return soft, rewrites
 
 
+def hard_cases(path: Path) -> tuple[list[Example], dict[str, list[float]]]:
+    """Texts the service sent to the teacher (SENTIMENT_HARD_CASES_PATH), trained on the teacher's answer alone."""
+    examples, soft = [], {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            teacher = record["teacher"]
+            probs = teacher.get("probs") or {label: float(label == teacher["label"]) for label in LABELS}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        examples.append(Example(text=record["text"], label="", source="hard_cases", split="train"))
+        soft[record["text"]] = [probs[label] for label in LABELS]
+    return examples, soft
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from distill.train import TrainConfig, make_items, train
     from service.tokenization import TextEncoder
@@ -149,6 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.human_only:
         soft, rewrites = {}, []
     train_examples += rewrites
+    if args.hard_cases and not args.human_only:
+        hard, hard_soft = hard_cases(args.hard_cases)
+        train_examples += hard
+        soft.update(hard_soft)
     dev = [ex for ex in sample(examples, "dev", args.dev_per_source)]
     backbone = args.backbone or backbone_dir()
     encoder = TextEncoder(backbone / "tokenizer.json", args.max_tokens, args.head_tokens)
@@ -204,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--cap", nargs="*", default=[], help="per-source train caps, e.g. imdb=8000")
     train_cmd.add_argument("--teacher-cache", type=Path, default=None)
     train_cmd.add_argument("--human-only", action="store_true", help="ignore teacher answers entirely")
+    train_cmd.add_argument("--hard-cases", type=Path, help="the service's fallback log (SENTIMENT_HARD_CASES_PATH)")
     train_cmd.add_argument("--teacher-weight", type=float, default=0.3)
     train_cmd.add_argument("--human-weight", nargs="*", default=[], help="per-source weights, e.g. tweets=1.0")
     train_cmd.add_argument("--repeat", nargs="*", default=[], help="passes per epoch, e.g. rotten_tomatoes=2")

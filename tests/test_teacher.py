@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from distill.__main__ import hard_cases as hard_cases_for_training
 from service.artifact import LABELS
 from service.prompts import parse_label, parse_reason
 from service.teacher import OK, UNPARSEABLE, TeacherClient
@@ -67,10 +68,17 @@ def test_policies_never_always_and_auto_around_the_threshold(teacher_service, ti
             assert result["source"] == ("teacher" if result["fallback"]["outcome"] == "ok" else "student")
     scores = sorted(r["score"] for r in never)
     threshold = (scores[2] + scores[3]) / 2  # half the texts fall below it
-    env = teacher_env(teacher, SENTIMENT_FALLBACK="auto", SENTIMENT_FALLBACK_THRESHOLD=str(threshold))
+    hard_cases = tmp_path / "hard_cases.jsonl"
+    env = teacher_env(teacher, SENTIMENT_FALLBACK="auto", SENTIMENT_FALLBACK_THRESHOLD=str(threshold),
+                      SENTIMENT_HARD_CASES_PATH=str(hard_cases))
     with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
         auto = client.post("/v1/sentiment", json={"texts": TEXTS}).json()["results"]
         metrics = client.get("/metrics").text
+    # Answered fallbacks flow back as training data for the next distillation round.
+    examples, soft = hard_cases_for_training(hard_cases)
+    answered = [t for t, r in zip(TEXTS, auto, strict=True) if r["source"] == "teacher"]
+    assert sorted(ex.text for ex in examples) == sorted(answered)
+    assert all(abs(sum(soft[t]) - 1) < 1e-3 for t in answered)
     for student, result in zip(never, auto, strict=True):
         if student["score"] < threshold:
             assert result["fallback"] and result["fallback"]["reason"] == "low_confidence"
