@@ -87,9 +87,10 @@ class Scorer:
 
     async def _start_teacher(self, tasks: list[asyncio.Task[None]]):  # -> EmbeddedTeacher | None
         s = self.settings
-        if not s.teacher_enabled:
-            return None
         embedded = None
+        if not s.teacher_enabled:
+            self.fallback = self._fallback(None)
+            return None
         url, model, constraint = s.teacher_url, s.teacher_model, s.teacher_constraint
         if not url:
             try:
@@ -99,6 +100,7 @@ class Scorer:
                 await asyncio.to_thread(embedded.start)
             except (ImportError, OSError, RuntimeError, TimeoutError) as exc:
                 log.warning("embedded teacher unavailable; fallback disabled", extra={"error": str(exc)})
+                self.fallback = self._fallback(None)
                 return None
             url, model = embedded.url, model or embedded.model_name
             tasks.append(asyncio.create_task(embedded.supervise(), name="teacher-supervisor"))
@@ -107,19 +109,24 @@ class Scorer:
         self.teacher = TeacherClient(url, model or "default", s.teacher_api_key or None, api=s.teacher_api,
                                      constraint=constraint, timeout=max(s.teacher_timeout_s, s.explain_timeout_s),
                                      max_concurrency=max(1, s.fallback_max_concurrency))
-        self.fallback = Fallback(self.teacher, self.metrics, threshold=s.fallback_threshold,
-                                 max_concurrency=s.fallback_max_concurrency, max_share=s.fallback_max_share,
-                                 teacher_timeout=s.teacher_timeout_s, breaker_failures=s.breaker_failures,
-                                 breaker_reset=s.breaker_reset_s, hard_cases_path=s.hard_cases_path)
+        self.fallback = self._fallback(self.teacher)
         return embedded
 
-    def _require_ready(self) -> tuple[ModelRunner, Batcher]:
-        if not self.ready or self.draining or not self.runner or not self.batcher:
+    def _fallback(self, client: TeacherClient | None) -> Fallback:
+        """Always present: without a teacher every fallback it is asked for has the outcome `disabled`."""
+        s = self.settings
+        return Fallback(client, self.metrics, threshold=s.fallback_threshold,
+                        max_concurrency=s.fallback_max_concurrency, max_share=s.fallback_max_share,
+                        teacher_timeout=s.teacher_timeout_s, breaker_failures=s.breaker_failures,
+                        breaker_reset=s.breaker_reset_s, hard_cases_path=s.hard_cases_path)
+
+    def _require_ready(self) -> tuple[ModelRunner, Batcher, Fallback]:
+        if not self.ready or self.draining or not self.runner or not self.batcher or not self.fallback:
             raise ServiceError(ErrorKind.NOT_READY, "model is not ready yet", retry_after=1)
-        return self.runner, self.batcher
+        return self.runner, self.batcher, self.fallback
 
     async def score(self, texts: list[str], policy: str) -> list[Scored]:
-        runner, batcher = self._require_ready()
+        runner, batcher, fallback = self._require_ready()
         deadline = time.perf_counter() + self.settings.request_timeout_s
         started = time.perf_counter()
         encoded = runner.encode(texts)
@@ -127,27 +134,18 @@ class Scorer:
         try:
             rows = await batcher.submit([enc.ids for enc in encoded], deadline)
         except ServiceError as exc:
-            if exc.kind is not ErrorKind.INTERNAL or self.fallback is None:
+            if exc.kind is not ErrorKind.INTERNAL or self.teacher is None:
                 raise
-            return await self._teacher_only(texts, encoded, deadline, exc)
+            return await self._teacher_only(fallback, texts, encoded, deadline, exc)
         predictions = runner.predictions(rows)
-        decisions = await self._decide(texts, predictions, policy, deadline)
+        decisions = await fallback.decide(texts, predictions, policy, deadline)
         for enc, decision in zip(encoded, decisions, strict=True):
             self._observe(enc.ids, enc.truncated, decision)
         return [Scored(d, enc.truncated) for d, enc in zip(decisions, encoded, strict=True)]
 
-    async def _decide(self, texts, predictions, policy, deadline) -> list[FallbackDecision]:
-        if self.fallback is None:
-            reasons = ("forced" if policy == "always" else "low_confidence" if policy == "auto"
-                       and p.score < self.settings.fallback_threshold else None for p in predictions)
-            return [FallbackDecision(p, "student", r, "disabled" if r else None)
-                    for p, r in zip(predictions, reasons, strict=True)]
-        return await self.fallback.decide(texts, predictions, policy, deadline)
-
-    async def _teacher_only(self, texts, encoded, deadline, error: ServiceError) -> list[Scored]:
+    async def _teacher_only(self, fallback: Fallback, texts, encoded, deadline, error: ServiceError) -> list[Scored]:
         """The student failed: the teacher answers each text, or the request fails with the student's error."""
-        assert self.fallback is not None
-        answers = await asyncio.gather(*(self.fallback.ask(text, deadline, forced=True) for text in texts))
+        answers = await asyncio.gather(*(fallback.ask(text, deadline, forced=True) for text in texts))
         if any(outcome != OK for outcome, _ in answers):
             raise error
         out = []

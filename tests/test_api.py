@@ -62,6 +62,14 @@ def test_single_text_form(service, runner) -> None:
     assert_matches_runner(body["results"], ["Fantastic support, thank you!"], runner)
 
 
+def test_without_a_teacher_a_requested_fallback_is_marked_disabled(service) -> None:
+    with service.client() as client:
+        result = client.post("/v1/sentiment", json={"text": "hmm", "fallback": "always"}).json()["results"][0]
+        explain = client.post("/v1/sentiment/explain", json={"text": "hmm"})
+    assert result["source"] == "student" and result["fallback"] == {"reason": "forced", "outcome": "disabled"}
+    assert explain.status_code == 503 and explain.json()["error"]["code"] == "teacher_unavailable"
+
+
 def test_truncation_is_flagged_per_text(service) -> None:
     long_text = "the delivery was late and the box was damaged " * 20  # far over the 48-token budget
     with service.client() as client:
