@@ -40,6 +40,7 @@ class Scorer:
         self.fallback: Fallback | None = None
         self.ready = False
         self.draining = False
+        self.embedded_teacher = None  # EmbeddedTeacher when this process runs its own
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -103,6 +104,7 @@ class Scorer:
                 self.fallback = self._fallback(None)
                 return None
             url, model = embedded.url, model or embedded.model_name
+            self.embedded_teacher = embedded
             tasks.append(asyncio.create_task(embedded.supervise(), name="teacher-supervisor"))
         if constraint == "auto":
             constraint = "gbnf" if embedded else "none"

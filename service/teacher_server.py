@@ -90,17 +90,23 @@ class EmbeddedTeacher:
                 self.process.wait()
         self.process = None
 
-    async def supervise(self, interval: float = 2.0) -> None:
-        """Restart the server whenever it has died; runs until cancelled."""
+    async def supervise(self, interval: float = 2.0, misses_allowed: int = 3) -> None:
+        """Restart the server when it has died or stopped answering; runs until cancelled."""
+        misses = 0
         while True:
             await asyncio.sleep(interval)
-            if not self.alive():
-                self.restarts += 1
-                log.warning("teacher died, restarting", extra={"restarts": self.restarts})
-                try:
-                    await asyncio.to_thread(self.start)
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    log.error("teacher restart failed", extra={"error": str(exc)})
+            answering = self.alive() and await asyncio.to_thread(self.ready)
+            misses = 0 if answering else misses + 1
+            if self.alive() and misses < misses_allowed:
+                continue
+            self.restarts += 1
+            log.warning("teacher down, restarting", extra={"restarts": self.restarts})
+            self.stop()
+            try:
+                await asyncio.to_thread(self.start)
+                misses = 0
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                log.error("teacher restart failed", extra={"error": str(exc)})
 
 
 def main() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import time
 
 import pytest
@@ -113,6 +116,27 @@ def test_dead_teacher_leaves_the_student_answering_and_the_breaker_opens_then_re
             assert "sentiment_teacher_breaker_state 0.0" in client.get("/metrics").text
     finally:
         own.stop()
+
+
+def test_the_embedded_teacher_is_restarted_when_it_dies(tiny_model, tmp_path) -> None:
+    env = {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_EXPLAIN_TIMEOUT_S": "30"}
+    with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
+        assert client.get("/health/ready").json()["details"]["teacher_restarts"] == 0
+        child = subprocess.run(["pgrep", "-P", str(svc.process.pid), "-f", "llama_cpp.server"],
+                               capture_output=True, text=True).stdout.split()
+        assert len(child) == 1
+        os.kill(int(child[0]), signal.SIGKILL)
+        for _ in range(300):
+            if client.get("/health/ready").json()["details"]["teacher_restarts"] >= 1:
+                break
+            time.sleep(0.1)
+        assert client.get("/health/ready").json()["details"]["teacher_restarts"] == 1
+        for _ in range(100):  # the new server takes a moment to load its model
+            explain = client.post("/v1/sentiment/explain", json={"text": "Thanks, that fixed it!"})
+            if explain.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert explain.status_code == 200 and explain.json()["label"] in LABELS
 
 
 def test_a_tiny_teacher_deadline_yields_timeout_and_the_student_answer(tiny_model, teacher, tmp_path) -> None:
