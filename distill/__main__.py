@@ -99,11 +99,35 @@ async def _teacher_eval(args: argparse.Namespace) -> int:
                 figures.pop("calibration_curve")
                 figures["unparseable"] = sum(r["outcome"] != OK for _, r in rows)
                 table[version][source] = figures
+    if args.student:
+        table["student"] = student_table(args.student, examples)
     print(json.dumps(table, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=2) + "\n")
     return 0
+
+
+def student_table(model_dir: Path, examples: list[Example]) -> dict:
+    """The student (int8 ONNX artefact) scored on exactly the texts the teacher was scored on."""
+    import numpy as np
+
+    from distill.metrics import evaluate
+    from distill.train import BINARY_SOURCES
+    from service.artifact import load_artifact
+    from service.runner import ModelRunner
+
+    runner = ModelRunner(load_artifact(model_dir))
+    encoded = runner.encode([ex.text for ex in examples])
+    probs = np.concatenate([runner.probabilities([e.ids for e in encoded[i:i + 32]])
+                            for i in range(0, len(encoded), 32)])
+    table = {}
+    for source in sorted({ex.source for ex in examples}):
+        idx = [i for i, ex in enumerate(examples) if ex.source == source]
+        figures = evaluate(probs[idx], [examples[i].label for i in idx], source in BINARY_SOURCES)
+        figures.pop("calibration_curve")
+        table[source] = figures
+    return table
 
 
 def _one_hot(record: dict) -> list[float]:
@@ -216,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate_cmd.add_argument("--per-source", type=int, default=100)
     evaluate_cmd.add_argument("--prompts", nargs="+", default=["label-v1", "explain-v1"])
     evaluate_cmd.add_argument("--out", type=Path)
+    evaluate_cmd.add_argument("--student", type=Path, help="also score this model directory on the same texts")
     evaluate_cmd.set_defaults(func=cmd_teacher_eval)
 
     train_cmd = sub.add_parser("train")
