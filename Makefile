@@ -58,8 +58,9 @@ model: $(VENV)/.all
 loadtest: $(VENV)/.all  ## Locust against a running service (make serve in another shell)
 	$(BIN)/python loadtests/run.py
 
-bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and granian), one run
+bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and granian); teacher latency
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/teacher.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
