@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serving import MESSAGES  # noqa: E402
-from service.teacher import TeacherClient  # noqa: E402
-from service.teacher_server import EmbeddedTeacher  # noqa: E402
+from bench.serving import MESSAGES
+from service.teacher import TeacherClient
+from service.teacher_server import EmbeddedTeacher
 
 
 async def measure(client: TeacherClient, calls: int) -> dict[str, dict[str, float]]:
