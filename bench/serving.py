@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,26 +22,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.launch import start_service  # noqa: E402
+from loadtests.messages import MESSAGES  # noqa: E402
 from service.artifact import load_artifact  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
-from service.teacher_server import free_port  # noqa: E402
-
-# Short customer-service messages (the product's traffic), varied in length.
-MESSAGES = [
-    "Where is my order? It was supposed to arrive yesterday.",
-    "Thanks so much, the replacement works perfectly!",
-    "I was charged twice for the same subscription, please fix this.",
-    "How do I change the delivery address on my account?",
-    "Absolutely terrible experience, nobody answers the phone.",
-    "The app is fine I guess.",
-    "Great support today, Maria solved it in five minutes.",
-    "Can I return an item after 30 days?",
-    "This is the third time the package arrived damaged. I want a refund now.",
-    "ok",
-    "Love the new update, much faster than before!",
-    "My invoice shows the wrong VAT number.",
-]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,22 +85,8 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, float]:
 
 
 def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_PORT": str(port),
-           "SENTIMENT_SERVER": server, "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_LOG_LEVEL": "WARNING",
-           "SENTIMENT_QUEUE_SIZE": "4096", **extra}
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"{server} did not become ready")
+    return start_service({"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_SERVER": server,
+                          "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_QUEUE_SIZE": "4096", **extra})
 
 
 def main() -> None:

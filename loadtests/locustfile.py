@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from pathlib import Path
 
 from locust import FastHttpUser, between, task
 
-MESSAGES = [
-    "Where is my order? It was supposed to arrive yesterday.",
-    "Thanks so much, the replacement works perfectly!",
-    "I was charged twice for the same subscription, please fix this.",
-    "How do I change the delivery address on my account?",
-    "Absolutely terrible experience, nobody answers the phone.",
-    "The app is fine I guess.",
-    "Great support today, Maria solved it in five minutes.",
-    "Can I return an item after 30 days?",
-    "This is the third time the package arrived damaged. I want a refund now.",
-    "ok",
-    "Love the new update, much faster than before!",
-    "My invoice shows the wrong VAT number.",
-    "not sure what to think about the new pricing",
-    "hmm it kind of works but also kind of doesn't",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loadtests.messages import MESSAGES
+
 API_KEY = os.environ.get("SENTIMENT_LOADTEST_API_KEY", "")
 WAIT = float(os.environ.get("SENTIMENT_LOADTEST_WAIT_S", "0"))
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,8 +21,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
-from service.teacher_server import free_port  # noqa: E402
+from bench.launch import start_service  # noqa: E402
 
 
 def percentile(histogram: dict[str, int], q: float) -> float:
@@ -58,24 +55,6 @@ def run_locust(url: str, users: int, seconds: int) -> dict[str, float]:
     elapsed = max(1e-6, end - start)
     return {"requests_per_s": requests / elapsed, "texts_per_s": texts / elapsed, "failures": failures,
             "p50_ms": percentile(merged, 0.5), "p95_ms": percentile(merged, 0.95), "p99_ms": percentile(merged, 0.99)}
-
-
-def start_service(extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SENTIMENT_PORT": str(port), "SENTIMENT_LOG_LEVEL": "WARNING",
-           "SENTIMENT_MODEL_DIR": str(os.environ.get("SENTIMENT_MODEL_DIR", DEFAULT_MODEL_DIR)), **extra}
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("service did not become ready")
 
 
 def fallback_counts(url: str) -> dict[str, float]:
