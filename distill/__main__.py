@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.set_defaults(func=cmd_train)
 
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so an embedded teacher started here is stopped, never orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return args.func(args)
     except DataError as exc:
