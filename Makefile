@@ -53,7 +53,7 @@ model: $(VENV)/.all
 		--sources tweets rotten_tomatoes drugs --per-source 200 --rewrite-per-source 50)
 	$(BIN)/python -m distill train $(TRAIN_ARGS) $(if $(HUMAN_ONLY),--human-only,--teacher-cache .cache/teacher/answers.jsonl) \
 		--out checkpoints/student
-	$(BIN)/python -m export --checkpoint checkpoints/student --out $(MODEL_DIR)
+	$(BIN)/python -m export --checkpoint checkpoints/student --out $(MODEL_DIR) --eval-per-source 2000
 
 loadtest: $(VENV)/.all  ## Locust against a running service (make serve in another shell)
 	$(BIN)/python loadtests/run.py

@@ -24,7 +24,7 @@ import numpy as np
 from distill.data import LOADERS, Example, load_all, sample
 from distill.metrics import fit_temperature
 from export.gate import GateLimits, agreement, evaluation_table, gate, onnx_logits
-from export.onnx import copy_tokenizer, export_fp32, quantization_target, quantize_int8
+from export.onnx import copy_tokenizer, export_fp32, ffn_output_nodes, quantization_target, quantize_int8
 from service.artifact import LABELS, MODEL_FILE, Manifest, sha256_of, write_manifest
 from service.tokenization import TextEncoder
 
@@ -71,13 +71,20 @@ def run(args: argparse.Namespace) -> int:
         target = args.target or quantization_target()
         dev_texts = [ex.text for ex in dev]
         fp32_dev = onnx_logits(fp32_path, encoder, dev_texts)
-        candidates: list[tuple[float, Path, dict[str, Any]]] = []
-        for per_channel in (True, False):
-            path, qconfig = quantize_int8(work / "fp32", work / f"int8-{per_channel}", target, per_channel)
+        # Candidates: per-channel or per-tensor weights, with or without the FFN output projections kept
+        # in fp32. The one that agrees best with fp32 on dev wins; on a tie, the smaller file.
+        candidates: list[tuple[float, int, Path, dict[str, Any]]] = []
+        ffn = ffn_output_nodes(fp32_path)
+        for per_channel, exclude in ((True, []), (False, []), (True, ffn)):
+            name = f"int8-{'pc' if per_channel else 'pt'}-{'ffnfp32' if exclude else 'all'}"
+            path, qconfig = quantize_int8(work / "fp32", work / name, target, per_channel, exclude)
             dev_agreement = agreement(fp32_dev, onnx_logits(path, encoder, dev_texts))
-            candidates.append((dev_agreement, path, {**qconfig, "dev_agreement": round(dev_agreement, 4)}))
-            print(f"int8 {target} per_channel={per_channel}: dev agreement {dev_agreement:.4f}", flush=True)
-        _, int8_path, qconfig = max(candidates, key=lambda c: (c[0], c[2]["per_channel"]))
+            size = path.stat().st_size
+            record = {**qconfig, "variant": name, "dev_agreement": round(dev_agreement, 4)}
+            candidates.append((dev_agreement, -size, path, record))
+            print(f"{name} ({target}): dev agreement {dev_agreement:.4f}, {size / 1e6:.1f} MB", flush=True)
+        _, _, int8_path, qconfig = max(candidates, key=lambda c: (c[0], c[1]))
+        qconfig["candidates"] = {c[3]["variant"]: c[3]["dev_agreement"] for c in candidates}
         if args.damage:  # for the gate's own test: a model whose weights were disturbed must fail
             int8_path = damage_model(int8_path, work / "damaged.onnx", args.damage)
         int8_dev = onnx_logits(int8_path, encoder, dev_texts)

@@ -45,19 +45,31 @@ def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
     return out_dir / "model.onnx"
 
 
-def quantize_int8(fp32_dir: Path, out_dir: Path, target: str, per_channel: bool) -> tuple[Path, dict[str, Any]]:
+def ffn_output_nodes(model_path: Path) -> list[str]:
+    """The feed-forward output projections (`…/output/dense/MatMul`, not attention's): BERT's activation
+    outliers live there, and keeping them in fp32 is what lifts int8/fp32 agreement most (README)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and n.name.endswith("/output/dense/MatMul") and "/attention/" not in n.name]
+
+
+def quantize_int8(fp32_dir: Path, out_dir: Path, target: str, per_channel: bool,
+                  exclude: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Dynamic int8 with optimum's per-ISA config; returns the model path and the config recorded."""
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    config = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=per_channel)
+    config = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=per_channel,
+                                                      nodes_to_exclude=exclude or [])
     quantizer = ORTQuantizer.from_pretrained(fp32_dir, file_name="model.onnx")
     out_dir.mkdir(parents=True, exist_ok=True)
     quantizer.quantize(save_dir=out_dir, quantization_config=config)
     quantized = out_dir / "model_quantized.onnx"
     record = {"mode": "dynamic-int8", "target": target, "per_channel": per_channel,
               "weights": str(config.weights_dtype.name), "activations": str(config.activations_dtype.name),
-              "operators": sorted(config.operators_to_quantize)}
+              "operators": sorted(config.operators_to_quantize), "fp32_nodes": sorted(exclude or [])}
     return quantized, record
 
 
