@@ -81,8 +81,7 @@ async def _teacher_eval(args: argparse.Namespace) -> int:
     """Teacher accuracy per prompt version and source, scored with the same metrics as the student."""
     import numpy as np
 
-    from distill.metrics import evaluate
-    from distill.train import BINARY_SOURCES
+    from distill.metrics import BINARY_SOURCES, evaluate
 
     examples = sample(load_all(args.sources), args.split, args.per_source)
     cache = LabelCache(args.cache)
@@ -113,8 +112,7 @@ def student_table(model_dir: Path, examples: list[Example]) -> dict:
     """The student (int8 ONNX artefact) scored on exactly the texts the teacher was scored on."""
     import numpy as np
 
-    from distill.metrics import evaluate
-    from distill.train import BINARY_SOURCES
+    from distill.metrics import evaluate_by_source
     from service.artifact import load_artifact
     from service.runner import ModelRunner
 
@@ -122,12 +120,9 @@ def student_table(model_dir: Path, examples: list[Example]) -> dict:
     encoded = runner.encode([ex.text for ex in examples])
     probs = np.concatenate([runner.probabilities([e.ids for e in encoded[i:i + 32]])
                             for i in range(0, len(encoded), 32)])
-    table = {}
-    for source in sorted({ex.source for ex in examples}):
-        idx = [i for i, ex in enumerate(examples) if ex.source == source]
-        figures = evaluate(probs[idx], [examples[i].label for i in idx], source in BINARY_SOURCES)
+    table = evaluate_by_source(probs, [ex.label for ex in examples], [ex.source for ex in examples])
+    for figures in table.values():
         figures.pop("calibration_curve")
-        table[source] = figures
     return table
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from service.artifact import LABELS
 
 NEG, NEU, POS = (LABELS.index(name) for name in ("negative", "neutral", "positive"))
+BINARY_SOURCES = frozenset({"imdb", "rotten_tomatoes"})  # human labels are negative / positive only
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -78,6 +79,15 @@ def evaluate(probs: np.ndarray, gold_labels: Sequence[str], binary: bool) -> dic
         "ece": round(ece, 4),
         "calibration_curve": curve,
     }
+
+
+def evaluate_by_source(probs: np.ndarray, labels: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+    """`evaluate` per data set, binary sets scored as binary."""
+    groups: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        groups.setdefault(source, []).append(i)
+    return {source: evaluate(probs[idx], [labels[i] for i in idx], source in BINARY_SOURCES)
+            for source, idx in sorted(groups.items())}
 
 
 def fit_temperature(logits: np.ndarray, gold_labels: Sequence[str]) -> float:

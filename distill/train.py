@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +24,9 @@ from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
 from distill.data import Example
-from distill.metrics import evaluate, softmax
+from distill.metrics import evaluate_by_source, softmax
 from service.artifact import LABELS, TOKENIZER_FILE
 from service.tokenization import TextEncoder
-
-BINARY_SOURCES = frozenset({"imdb", "rotten_tomatoes"})
 
 
 @dataclass
@@ -136,15 +134,6 @@ def predict_logits(model: torch.nn.Module, encoder: TextEncoder, texts: Sequence
     return out
 
 
-def evaluate_by_source(logits: np.ndarray, examples: Sequence[Example]) -> dict[str, Any]:
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        by_source[ex.source].append(i)
-    probs = softmax(logits)
-    return {source: evaluate(probs[idx], [examples[i].label for i in idx], source in BINARY_SOURCES)
-            for source, idx in sorted(by_source.items())}
-
-
 def train(train_items: Sequence[TrainItem], dev: Sequence[Example], backbone: Path, out_dir: Path,
           encoder: TextEncoder, config: TrainConfig, provenance: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune, evaluate on dev, write the checkpoint, tokenizer and a training report."""
@@ -201,7 +190,7 @@ def train(train_items: Sequence[TrainItem], dev: Sequence[Example], backbone: Pa
         "train_seconds": round(train_seconds, 1),
         "train_examples_by_source": dict(Counter(item.source for item in train_items)),
         "teacher_labelled": sum(item.teacher is not None for item in train_items),
-        "dev": evaluate_by_source(dev_logits, dev),
+        "dev": evaluate_by_source(softmax(dev_logits), [ex.label for ex in dev], [ex.source for ex in dev]),
         "provenance": provenance,
     }
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")

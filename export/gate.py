@@ -11,11 +11,9 @@ import numpy as np
 import onnxruntime as ort
 
 from distill.data import Example
-from distill.metrics import evaluate, softmax
+from distill.metrics import evaluate_by_source, softmax
 from service.runner import session_options
 from service.tokenization import TextEncoder
-
-BINARY_SOURCES = frozenset({"imdb", "rotten_tomatoes"})
 
 
 @dataclass(frozen=True)
@@ -41,17 +39,9 @@ def onnx_logits(model_path: Path, encoder: TextEncoder, texts: Sequence[str], ba
     return out
 
 
-def by_source(examples: Sequence[Example]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        groups.setdefault(ex.source, []).append(i)
-    return dict(sorted(groups.items()))
-
-
 def evaluation_table(logits: np.ndarray, examples: Sequence[Example], temperature: float) -> dict[str, Any]:
-    probs = softmax(logits, temperature)
-    return {source: evaluate(probs[idx], [examples[i].label for i in idx], source in BINARY_SOURCES)
-            for source, idx in by_source(examples).items()}
+    return evaluate_by_source(softmax(logits, temperature), [ex.label for ex in examples],
+                              [ex.source for ex in examples])
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
