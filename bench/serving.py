@@ -105,7 +105,7 @@ def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"])
     parser.add_argument("--configs", nargs="+", default=["threads2", "streams2"],
                         help="threads2: one inference stream with 2 ORT threads; streams2: two streams of 1 thread")

@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--url")
     parser.add_argument("--scenarios", nargs="+", default=["student", "fallback"])
     parser.add_argument("--users", type=int, default=64)
-    parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--threshold", type=float, default=0.7)
     args = parser.parse_args()
     scenarios = {"student": {"SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_FALLBACK": "never"},
                  "fallback": {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_FALLBACK": "auto",
