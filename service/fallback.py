@@ -17,7 +17,7 @@ from pathlib import Path
 
 from service.metrics import Metrics
 from service.runner import Prediction
-from service.teacher import OK, TeacherAnswer, TeacherClient
+from service.teacher import OK, UNPARSEABLE, TeacherAnswer, TeacherClient
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 BREAKER_GAUGE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
@@ -76,6 +76,13 @@ class ShareWindow:
         return True
 
 
+def teacher_prediction(answer: TeacherAnswer, labels: list[str]) -> Prediction:
+    """The teacher's answer as a prediction: its probabilities where it gave them, else one-hot."""
+    assert answer.label is not None
+    scores = answer.probs or {label: float(label == answer.label) for label in labels}
+    return Prediction(label=answer.label, score=round(scores[answer.label], 6), scores=scores)
+
+
 @dataclass(frozen=True)
 class FallbackDecision:
     prediction: Prediction
@@ -120,9 +127,7 @@ class Fallback:
         if answer is None or outcome != OK:
             return FallbackDecision(student, "student", reason, outcome)
         self._record_hard_case(text, student, answer, reason)
-        scores = answer.probs or {label: float(label == answer.label) for label in student.scores}
-        teacher = Prediction(label=answer.label, score=round(scores[answer.label], 6), scores=scores)
-        return FallbackDecision(teacher, "teacher", reason, outcome)
+        return FallbackDecision(teacher_prediction(answer, list(student.scores)), "teacher", reason, outcome)
 
     async def ask(self, text: str, deadline: float, forced: bool = False) -> tuple[str, TeacherAnswer | None]:
         """One budgeted label call: (outcome, answer). Budget refusals never reach the teacher."""
@@ -145,12 +150,25 @@ class Fallback:
             answer = await self.client.classify(text, timeout=timeout)
         finally:
             self._in_flight -= 1
-        self._metrics.teacher_duration.labels("label").observe(answer.seconds)
-        # A teacher that answers off-label is reachable: only timeouts and errors count against it.
-        self.breaker.record(answer.outcome in (OK, "unparseable"))
-        if answer.outcome != OK:
-            self._metrics.teacher_errors.labels("label", answer.outcome).inc()
+        self._account("label", answer)
         return answer.outcome, answer
+
+    async def explain(self, text: str, timeout: float) -> TeacherAnswer:
+        """An explanation call behind the same breaker (no share budget: it is asked for explicitly)."""
+        if self.client is None:
+            return TeacherAnswer(outcome="disabled")
+        if not self.breaker.allow():
+            return TeacherAnswer(outcome="breaker_open")
+        answer = await self.client.explain(text, timeout=timeout)
+        self._account("explain", answer)
+        return answer
+
+    def _account(self, task: str, answer: TeacherAnswer) -> None:
+        self._metrics.teacher_duration.labels(task).observe(answer.seconds)
+        # A teacher that answers off-label is reachable: only timeouts and errors count against it.
+        self.breaker.record(answer.outcome in (OK, UNPARSEABLE))
+        if answer.outcome != OK:
+            self._metrics.teacher_errors.labels(task, answer.outcome).inc()
 
     def _record_hard_case(self, text: str, student: Prediction, answer: TeacherAnswer, reason: str) -> None:
         """Opt-in (it stores customer text): distill/ reads this file as extra training data."""

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from service.artifact import Artifact
 from service.batcher import Batcher
 from service.errors import ErrorKind, ServiceError
-from service.fallback import Fallback, FallbackDecision
+from service.fallback import Fallback, FallbackDecision, teacher_prediction
 from service.metrics import Metrics
-from service.runner import ModelRunner, Prediction
+from service.runner import ModelRunner
 from service.settings import Settings
 from service.teacher import OK, TeacherAnswer, TeacherClient
 
@@ -47,9 +47,9 @@ class Scorer:
     async def started(cls, settings: Settings, artifact: Artifact, metrics: Metrics) -> AsyncIterator[Scorer]:
         scorer = cls(settings, artifact, metrics)
         tasks: list[asyncio.Task[None]] = []
-        embedded = None
         try:
-            embedded = await scorer._start_teacher(tasks)
+            await scorer._start_teacher(tasks)
+            scorer.fallback = scorer._fallback(scorer.teacher)
             scorer._load_model()
             tasks.append(asyncio.create_task(scorer._warm_up(), name="warm-up"))
             yield scorer
@@ -63,8 +63,8 @@ class Scorer:
             await asyncio.gather(*tasks, return_exceptions=True)
             if scorer.teacher:
                 await scorer.teacher.aclose()
-            if embedded:
-                embedded.stop()
+            if scorer.embedded_teacher:
+                scorer.embedded_teacher.stop()
 
     def _load_model(self) -> None:
         s = self.settings
@@ -86,12 +86,11 @@ class Scorer:
         self.metrics.ready.set(1)
         log.info("model ready", extra={"model": self.artifact.manifest.name})
 
-    async def _start_teacher(self, tasks: list[asyncio.Task[None]]):  # -> EmbeddedTeacher | None
+    async def _start_teacher(self, tasks: list[asyncio.Task[None]]) -> None:
+        """The teacher client: to SENTIMENT_TEACHER_URL, or to an embedded teacher started here."""
         s = self.settings
-        embedded = None
         if not s.teacher_enabled:
-            self.fallback = self._fallback(None)
-            return None
+            return
         url, model, constraint = s.teacher_url, s.teacher_model, s.teacher_constraint
         if not url:
             try:
@@ -101,18 +100,15 @@ class Scorer:
                 await asyncio.to_thread(embedded.start)
             except (ImportError, OSError, RuntimeError, TimeoutError) as exc:
                 log.warning("embedded teacher unavailable; fallback disabled", extra={"error": str(exc)})
-                self.fallback = self._fallback(None)
-                return None
-            url, model = embedded.url, model or embedded.model_name
+                return
             self.embedded_teacher = embedded
+            url, model = embedded.url, model or embedded.model_name
             tasks.append(asyncio.create_task(embedded.supervise(), name="teacher-supervisor"))
         if constraint == "auto":
-            constraint = "gbnf" if embedded else "none"
+            constraint = "gbnf" if self.embedded_teacher else "none"
         self.teacher = TeacherClient(url, model or "default", s.teacher_api_key or None, api=s.teacher_api,
                                      constraint=constraint, timeout=max(s.teacher_timeout_s, s.explain_timeout_s),
                                      max_concurrency=max(1, s.fallback_max_concurrency))
-        self.fallback = self._fallback(self.teacher)
-        return embedded
 
     def _fallback(self, client: TeacherClient | None) -> Fallback:
         """Always present: without a teacher every fallback it is asked for has the outcome `disabled`."""
@@ -152,9 +148,8 @@ class Scorer:
             raise error
         out = []
         for (outcome, answer), enc in zip(answers, encoded, strict=True):
-            assert answer is not None and answer.label
-            scores = answer.probs or {label: float(label == answer.label) for label in self.artifact.manifest.labels}
-            prediction = Prediction(answer.label, round(scores[answer.label], 6), scores)
+            assert answer is not None
+            prediction = teacher_prediction(answer, list(self.artifact.manifest.labels))
             decision = FallbackDecision(prediction, "teacher", "student_failed", outcome)
             self.metrics.fallbacks.labels("student_failed", outcome).inc()
             self._observe(enc.ids, enc.truncated, decision)
@@ -172,21 +167,16 @@ class Scorer:
 
     async def explain(self, text: str) -> tuple[TeacherAnswer, Scored]:
         """The teacher's label and rationale, beside the student's own verdict."""
-        if self.teacher is None:
+        _, _, fallback = self._require_ready()
+        if fallback.client is None:
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "no teacher is configured or running", retry_after=5)
-        student_task = asyncio.create_task(self.score([text], "never"))
-        if self.fallback and not self.fallback.breaker.allow():
-            student_task.cancel()
+        answer, scored = await asyncio.gather(fallback.explain(text, self.settings.explain_timeout_s),
+                                              self.score([text], "never"))
+        if answer.outcome == "breaker_open":
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "teacher circuit breaker is open",
                                retry_after=self.settings.breaker_reset_s)
-        answer = await self.teacher.explain(text, timeout=self.settings.explain_timeout_s)
-        self.metrics.teacher_duration.labels("explain").observe(answer.seconds)
-        if self.fallback:
-            self.fallback.breaker.record(answer.outcome in (OK, "unparseable"))
-        student = (await student_task)[0]
         if answer.outcome != OK:
-            self.metrics.teacher_errors.labels("explain", answer.outcome).inc()
             kind = ErrorKind.TEACHER_UNAVAILABLE if answer.outcome in ("timeout", "error") else ErrorKind.TEACHER_FAILED
             raise ServiceError(kind, f"teacher answer: {answer.outcome}", {"outcome": answer.outcome,
                                                                             "detail": answer.detail})
-        return answer, student
+        return answer, scored[0]

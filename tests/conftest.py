@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.launch import start_service
 from service.teacher_server import EmbeddedTeacher, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,28 +90,12 @@ class Service:
 @contextlib.contextmanager
 def running_service(model_dir: Path, log_dir: Path, wait_ready: bool = True, **env: str) -> Iterator[Service]:
     """The real service (`python -m service`) on a free port; stopped with SIGTERM at the end."""
-    port = free_port()
-    settings = {"SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_PORT": str(port), "SENTIMENT_HOST": "127.0.0.1",
+    settings = {"SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_HOST": "127.0.0.1", "SENTIMENT_LOG_LEVEL": "INFO",
                 "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_WARMUP_ROUNDS": "1", **env}
-    log = log_dir / f"service-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), **settings})
-    service = Service(f"http://127.0.0.1:{port}", process, log)
+    log = log_dir / f"service-{free_port()}.log"
+    process, url = start_service(settings, wait=60, log=log, probe="ready" if wait_ready else "live")
+    service = Service(url, process, log)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"service exited early:\n{log.read_text()[-3000:]}")
-            try:
-                response = httpx.get(f"{service.url}/health/{'ready' if wait_ready else 'live'}", timeout=1)
-                if response.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"service not ready:\n{log.read_text()[-3000:]}")
         yield service
     finally:
         if process.poll() is None:
