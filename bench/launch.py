@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from service.settings import DEFAULT_MODEL_DIR
-from service.teacher_server import free_port
+from service.teacher_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

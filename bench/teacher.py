@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.serving import MESSAGES
 from service.teacher import TeacherClient
-from service.teacher_server import EmbeddedTeacher
+from service.teacher_process import EmbeddedTeacher
 
 
 async def measure(client: TeacherClient, calls: int) -> dict[str, dict[str, float]]:

@@ -25,7 +25,7 @@ from distill.teacher_labels import LabelCache, label_texts, summarise, text_hash
 from service.artifact import LABELS
 from service.prompts import PROMPTS
 from service.teacher import OK, TeacherClient
-from service.teacher_server import EmbeddedTeacher
+from service.teacher_process import EmbeddedTeacher
 
 DEFAULT_LABEL_CACHE = CACHE_DIR / "teacher" / "answers.jsonl"
 
@@ -35,7 +35,7 @@ async def teacher_client(args: argparse.Namespace) -> AsyncIterator[TeacherClien
     url = args.teacher_url or os.environ.get("SENTIMENT_TEACHER_URL")
     embedded = None if url else EmbeddedTeacher()
     if embedded:
-        await asyncio.to_thread(embedded.start)
+        await embedded.astart()
         url = embedded.url
     model = args.teacher_model or os.environ.get("SENTIMENT_TEACHER_MODEL") or (
         embedded.model_name if embedded else "default")

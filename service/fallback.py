@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,18 @@ class CircuitBreaker:
         self.threshold, self.reset_after, self._metrics = failures, reset_after, metrics
         self.state, self.failures, self.opened_at = CLOSED, 0, 0.0
         self._probe_in_flight = False
+        self.held = False
+
+    def hold_open(self, held: bool) -> None:
+        """While the supervisor knows the teacher is down, refuse every call; closed again once it answers."""
+        if held == self.held:
+            return
+        self.held, self.failures, self._probe_in_flight = held, 0, False
+        self._set(OPEN if held else CLOSED)
 
     def allow(self) -> bool:
+        if self.held:
+            return False
         if self.state == OPEN and time.monotonic() - self.opened_at >= self.reset_after:
             self._set(HALF_OPEN)
         if self.state == HALF_OPEN:
@@ -38,8 +49,14 @@ class CircuitBreaker:
             self._probe_in_flight = True
         return self.state != OPEN
 
+    def abandon(self) -> None:
+        """A call that ended without an answer (cancelled): it frees the half-open probe's slot."""
+        self._probe_in_flight = False
+
     def record(self, success: bool) -> None:
         self._probe_in_flight = False
+        if self.held:
+            return
         if success:
             self.failures = 0
             self._set(CLOSED)
@@ -147,10 +164,9 @@ class Fallback:
             return "breaker_open", None
         self._in_flight += 1
         try:
-            answer = await self.client.classify(text, timeout=timeout)
+            answer = await self._call("label", self.client.classify(text, timeout=timeout))
         finally:
             self._in_flight -= 1
-        self._account("label", answer)
         return answer.outcome, answer
 
     async def explain(self, text: str, timeout: float) -> TeacherAnswer:
@@ -159,16 +175,21 @@ class Fallback:
             return TeacherAnswer(outcome="disabled")
         if not self.breaker.allow():
             return TeacherAnswer(outcome="breaker_open")
-        answer = await self.client.explain(text, timeout=timeout)
-        self._account("explain", answer)
-        return answer
+        return await self._call("explain", self.client.explain(text, timeout=timeout))
 
-    def _account(self, task: str, answer: TeacherAnswer) -> None:
+    async def _call(self, task: str, call: Awaitable[TeacherAnswer]) -> TeacherAnswer:
+        """One teacher call the breaker allowed: its answer is accounted for, or its probe slot freed."""
+        try:
+            answer = await call
+        except BaseException:
+            self.breaker.abandon()
+            raise
         self._metrics.teacher_duration.labels(task).observe(answer.seconds)
         # A teacher that answers off-label is reachable: only timeouts and errors count against it.
         self.breaker.record(answer.outcome in (OK, UNPARSEABLE))
         if answer.outcome != OK:
             self._metrics.teacher_errors.labels(task, answer.outcome).inc()
+        return answer
 
     def _record_hard_case(self, text: str, student: Prediction, answer: TeacherAnswer, reason: str) -> None:
         """Opt-in (it stores customer text): distill/ reads this file as extra training data."""

@@ -48,6 +48,10 @@ class Metrics:
         self.teacher_errors = Counter(f"{p}teacher_errors_total", "failed teacher calls", ["task", "outcome"],
                                       registry=r)
         self.breaker_state = Gauge(f"{p}teacher_breaker_state", "0 closed, 1 half-open, 2 open", registry=r)
+        self.teacher_up = Gauge(f"{p}teacher_up", "1 while the embedded teacher answers (external: always 1)",
+                                registry=r)
+        self.teacher_restarts = Counter(f"{p}teacher_restarts_total", "embedded teacher restarts after a crash or hang",
+                                        registry=r)
         self.budget_rejections = Counter(f"{p}teacher_budget_rejections_total",
                                          "fallbacks refused by the teacher budget", ["limit"], registry=r)
         self.ready = Gauge(f"{p}ready", "1 when the model is loaded and warmed", registry=r)

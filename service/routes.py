@@ -102,9 +102,11 @@ class HealthController(Controller):
 
     @get("/ready", summary="503 until the model is loaded and warmed, and while draining")
     async def ready(self, scorer: Scorer) -> Response[Health]:
+        teacher = scorer.teacher_status()
         details = {"model_loaded": scorer.runner is not None, "warmed": scorer.ready, "draining": scorer.draining,
                    "teacher": scorer.teacher is not None, "queue_depth": scorer.batcher.depth if scorer.batcher else 0,
-                   "teacher_restarts": scorer.embedded_teacher.restarts if scorer.embedded_teacher else None}
+                   "teacher_restarts": scorer.embedded_teacher.restarts if scorer.embedded_teacher else None,
+                   "teacher_state": teacher["state"], "teacher_last_exit": teacher["last_exit"]}
         if scorer.ready and not scorer.draining:
             return Response(Health("ready", details))
         return Response(Health("not_ready", details), status_code=503, headers={"Retry-After": "1"})

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.artifact import Artifact
 from service.batcher import Batcher
@@ -21,6 +22,7 @@ from service.metrics import Metrics
 from service.runner import ModelRunner
 from service.settings import Settings
 from service.teacher import OK, TeacherAnswer, TeacherClient
+from service.teacher_process import READY, STARTING, EmbeddedTeacher
 
 log = logging.getLogger("sentiment.scoring")
 
@@ -40,7 +42,7 @@ class Scorer:
         self.fallback: Fallback | None = None
         self.ready = False
         self.draining = False
-        self.embedded_teacher = None  # EmbeddedTeacher when this process runs its own
+        self.embedded_teacher: EmbeddedTeacher | None = None  # when this process runs its own teacher
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -48,8 +50,12 @@ class Scorer:
         scorer = cls(settings, artifact, metrics)
         tasks: list[asyncio.Task[None]] = []
         try:
-            await scorer._start_teacher(tasks)
+            scorer.teacher = scorer._teacher_client()
             scorer.fallback = scorer._fallback(scorer.teacher)
+            metrics.teacher_up.set(int(scorer.teacher is not None))
+            if scorer.embedded_teacher:
+                scorer._teacher_changed(scorer.embedded_teacher)
+                tasks.append(asyncio.create_task(scorer.embedded_teacher.supervise(), name="teacher-supervisor"))
             scorer._load_model()
             tasks.append(asyncio.create_task(scorer._warm_up(), name="warm-up"))
             yield scorer
@@ -64,7 +70,7 @@ class Scorer:
             if scorer.teacher:
                 await scorer.teacher.aclose()
             if scorer.embedded_teacher:
-                scorer.embedded_teacher.stop()
+                await asyncio.to_thread(scorer.embedded_teacher.stop)
 
     def _load_model(self) -> None:
         s = self.settings
@@ -86,29 +92,36 @@ class Scorer:
         self.metrics.ready.set(1)
         log.info("model ready", extra={"model": self.artifact.manifest.name})
 
-    async def _start_teacher(self, tasks: list[asyncio.Task[None]]) -> None:
-        """The teacher client: to SENTIMENT_TEACHER_URL, or to an embedded teacher started here."""
+    def _teacher_client(self) -> TeacherClient | None:
+        """The teacher client: to SENTIMENT_TEACHER_URL, or to an embedded teacher supervised in the
+        background. The service does not wait for it: until it answers, the breaker is held open."""
         s = self.settings
         if not s.teacher_enabled:
-            return
+            return None
         url, model, constraint = s.teacher_url, s.teacher_model, s.teacher_constraint
         if not url:
-            try:
-                from service.teacher_server import EmbeddedTeacher
-
-                embedded = EmbeddedTeacher()
-                await asyncio.to_thread(embedded.start)
-            except (ImportError, OSError, RuntimeError, TimeoutError) as exc:
-                log.warning("embedded teacher unavailable; fallback disabled", extra={"error": str(exc)})
-                return
-            self.embedded_teacher = embedded
-            url, model = embedded.url, model or embedded.model_name
-            tasks.append(asyncio.create_task(embedded.supervise(), name="teacher-supervisor"))
+            gguf = Path(s.teacher_gguf) if s.teacher_gguf else None
+            self.embedded_teacher = EmbeddedTeacher(gguf, on_change=self._teacher_changed)
+            url, model = self.embedded_teacher.url, model or self.embedded_teacher.model_name
         if constraint == "auto":
             constraint = "gbnf" if self.embedded_teacher else "none"
-        self.teacher = TeacherClient(url, model or "default", s.teacher_api_key or None, api=s.teacher_api,
-                                     constraint=constraint, timeout=max(s.teacher_timeout_s, s.explain_timeout_s),
-                                     max_concurrency=max(1, s.fallback_max_concurrency))
+        return TeacherClient(url, model or "default", s.teacher_api_key or None, api=s.teacher_api,
+                             constraint=constraint, timeout=max(s.teacher_timeout_s, s.explain_timeout_s),
+                             max_concurrency=max(1, s.fallback_max_concurrency))
+
+    def _teacher_changed(self, teacher: EmbeddedTeacher) -> None:
+        """The supervisor's news: the breaker is held open while the embedded teacher is not ready."""
+        up = teacher.state == READY
+        self.metrics.teacher_up.set(int(up))
+        if teacher.state == STARTING and teacher.restarts:
+            self.metrics.teacher_restarts.inc()
+        if self.fallback:
+            self.fallback.breaker.hold_open(not up)
+
+    def teacher_status(self) -> dict[str, object]:
+        if self.embedded_teacher:
+            return self.embedded_teacher.status()
+        return {"state": "external" if self.teacher else "disabled", "restarts": None, "last_exit": None}
 
     def _fallback(self, client: TeacherClient | None) -> Fallback:
         """Always present: without a teacher every fallback it is asked for has the outcome `disabled`."""
@@ -170,6 +183,10 @@ class Scorer:
         _, _, fallback = self._require_ready()
         if fallback.client is None:
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "no teacher is configured or running", retry_after=5)
+        if fallback.breaker.held:
+            status = self.teacher_status()
+            raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, f"the embedded teacher is {status['state']}",
+                               status, retry_after=5)
         answer, scored = await asyncio.gather(fallback.explain(text, self.settings.explain_timeout_s),
                                               self.score([text], "never"))
         if answer.outcome == "breaker_open":

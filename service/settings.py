@@ -38,6 +38,7 @@ class Settings:
     teacher_url: str = _doc("", "OpenAI-compatible base URL of the teacher; empty: start the embedded one")
     teacher_model: str = _doc("", "teacher model name (empty: the embedded teacher's)")
     teacher_api_key: str = _doc("", "bearer token for the teacher")
+    teacher_gguf: str = _doc("", "GGUF file for the embedded teacher (empty: the packaged SmolLM2-135M-Instruct)")
     teacher_api: str = _doc("completions", "teacher API: completions (few-shot) or chat")
     teacher_constraint: str = _doc("auto", "label constraint: gbnf (llama.cpp), vllm, none; auto: gbnf if embedded")
     teacher_enabled: bool = _doc(True, "false: no teacher at all (fallback and explain answer 503)")

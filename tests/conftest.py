@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from bench.launch import start_service
-from service.teacher_server import EmbeddedTeacher, free_port
+from service.teacher_process import EmbeddedTeacher, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -25,23 +25,34 @@ def runner(tiny_model: Path) -> ModelRunner:
     return ModelRunner(load_artifact(tiny_model))
 
 
-def assert_matches_runner(results: list[dict], texts: list[str], runner: ModelRunner) -> None:
-    """Each result is the model's own answer for that text, in order.
+@pytest.fixture(scope="module")
+def batch_noise(runner: ModelRunner) -> float:
+    """How far a text's scores move with the company it is batched with, on this CPU and this model.
 
-    Dynamic int8 quantizes activations with one scale per batch, so a text's scores move slightly
-    (~1e-3) with the company it is batched with: scores are compared with a tolerance, and labels
-    wherever the model's margin is clear of that noise.
+    Dynamic int8 quantizes activations with one scale per batch, and how much that moves a score depends
+    on the CPU's int8 kernels (VNNI or not) and on the model, so it is measured here, not assumed: each
+    text alone, all texts in one batch, and each text padded beside the longest text.
     """
-    expected = runner.predict(texts)
-    for got, want in zip(results, expected, strict=True):
+    alone = [runner.predict([text])[0] for text in TEXTS]
+    together = runner.predict(TEXTS)
+    longest = max(TEXTS, key=len)
+    padded = [runner.predict([text, longest])[0] for text in TEXTS]
+    return max(abs(a.scores[label] - other.scores[label])
+               for a, b, c in zip(alone, together, padded, strict=True) for other in (b, c) for label in LABELS)
+
+
+def assert_matches_runner(results: list[dict], texts: list[str], runner: ModelRunner, noise: float) -> None:
+    """Each result is the model's own answer for that text, in order, within the batch noise."""
+    tolerance = 2 * noise + 2e-6  # twice the widest shift measured across batchings, plus the 6-digit rounding
+    for got, want in zip(results, runner.predict(texts), strict=True):
         for label in LABELS:
-            assert got["scores"][label] == pytest.approx(want.scores[label], abs=0.02)
+            assert abs(got["scores"][label] - want.scores[label]) <= tolerance, (label, got, want, tolerance)
         top = sorted(want.scores.values())
-        if top[-1] - top[-2] > 0.04:
+        if top[-1] - top[-2] > 2 * tolerance:
             assert got["label"] == want.label
 
 
-def test_scores_in_input_order_and_match_the_model(service, runner) -> None:
+def test_scores_in_input_order_and_match_the_model(service, runner, batch_noise) -> None:
     with service.client() as client:
         response = client.post("/v1/sentiment", json={"texts": TEXTS})
     assert response.status_code == 200
@@ -52,14 +63,14 @@ def test_scores_in_input_order_and_match_the_model(service, runner) -> None:
         assert result["label"] in LABELS and result["source"] == "student" and result["fallback"] is None
         assert abs(sum(result["scores"].values()) - 1.0) < 1e-4
         assert result["score"] == max(result["scores"].values())
-    assert_matches_runner(body["results"], TEXTS, runner)
+    assert_matches_runner(body["results"], TEXTS, runner, batch_noise)
 
 
-def test_single_text_form(service, runner) -> None:
+def test_single_text_form(service, runner, batch_noise) -> None:
     with service.client() as client:
         body = client.post("/v1/sentiment", json={"text": "Fantastic support, thank you!"}).json()
     assert len(body["results"]) == 1
-    assert_matches_runner(body["results"], ["Fantastic support, thank you!"], runner)
+    assert_matches_runner(body["results"], ["Fantastic support, thank you!"], runner, batch_noise)
 
 
 def test_without_a_teacher_a_requested_fallback_is_marked_disabled(service) -> None:
@@ -77,7 +88,7 @@ def test_truncation_is_flagged_per_text(service) -> None:
     assert [r["truncated"] for r in results] == [False, True]
 
 
-def test_concurrent_requests_each_get_their_own_results(service, runner) -> None:
+def test_concurrent_requests_each_get_their_own_results(service, runner, batch_noise) -> None:
     rng = random.Random(7)
     requests = [rng.sample(TEXTS, rng.randint(1, 6)) for _ in range(40)]
 
@@ -88,7 +99,7 @@ def test_concurrent_requests_each_get_their_own_results(service, runner) -> None
     responses = asyncio.run(fire())
     for texts, response in zip(requests, responses, strict=True):
         assert response.status_code == 200
-        assert_matches_runner(response.json()["results"], texts, runner)
+        assert_matches_runner(response.json()["results"], texts, runner, batch_noise)
     with service.client() as client:
         metrics = client.get("/metrics").text
     # Concurrent texts really were batched together at least once.

@@ -95,7 +95,7 @@ def test_labelling_resumes_after_an_interruption_and_never_pays_twice(teacher, t
 
 
 def test_a_teacher_that_is_down_is_recorded_and_nothing_cached_is_lost(teacher, tmp_path) -> None:
-    from service.teacher_server import free_port
+    from service.teacher_process import free_port
 
     cache = tmp_path / "answers.jsonl"
     args = ["distill", "label", "--teacher-model", teacher.model_name, "--sources", "tweets", "--per-source", "4",

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from service.teacher_server import free_port
+from service.teacher_process import free_port
 from tests.conftest import running_service
 
 PROMETHEUS = shutil.which("prometheus")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +17,8 @@ from distill.__main__ import hard_cases as hard_cases_for_training
 from service.artifact import LABELS
 from service.prompts import parse_label, parse_reason
 from service.teacher import OK, UNPARSEABLE, TeacherClient
-from service.teacher_server import EmbeddedTeacher
-from tests.conftest import running_service
+from service.teacher_process import EmbeddedTeacher, free_port
+from tests.conftest import ROOT, running_service
 
 TEXTS = ["I love it", "This is terrible", "Where is my parcel?", "meh", "Fantastic support, thank you!",
          "The app crashed again and I lost my work"]
@@ -144,24 +147,88 @@ def test_dead_teacher_leaves_the_student_answering_and_the_breaker_opens_then_re
         own.stop()
 
 
+def wait_for(predicate, seconds: float, step: float = 0.1):
+    """Poll until `predicate()` is truthy; returns its last value."""
+    until = time.monotonic() + seconds
+    while not (value := predicate()) and time.monotonic() < until:
+        time.sleep(step)
+    return value
+
+
 def test_the_embedded_teacher_is_restarted_when_it_dies(tiny_model, tmp_path) -> None:
     env = {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_EXPLAIN_TIMEOUT_S": "30"}
     with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
-        assert client.get("/health/ready").json()["details"]["teacher_restarts"] == 0
+        details = lambda: client.get("/health/ready").json()["details"]  # noqa: E731
+        assert wait_for(lambda: details()["teacher_state"] == "ready", 60), details()
+        assert details()["teacher_restarts"] == 0
         child = [pid for pid in descendants(svc.process.pid) if b"llama_cpp.server" in cmdline(pid)]
         assert len(child) == 1
-        os.kill(child[0], signal.SIGKILL)
-        for _ in range(300):
-            if client.get("/health/ready").json()["details"]["teacher_restarts"] >= 1:
-                break
-            time.sleep(0.1)
-        assert client.get("/health/ready").json()["details"]["teacher_restarts"] == 1
-        for _ in range(100):  # the new server takes a moment to load its model
-            explain = client.post("/v1/sentiment/explain", json={"text": "Thanks, that fixed it!"})
-            if explain.status_code == 200:
-                break
-            time.sleep(0.2)
+        os.kill(child[0], signal.SIGILL)  # what a llama.cpp built for another CPU dies of
+        assert wait_for(lambda: details()["teacher_restarts"] >= 1, 30), details()
+        assert details()["teacher_last_exit"] == "signal SIGILL"
+        assert wait_for(lambda: details()["teacher_state"] == "ready", 60), details()
+        explain = client.post("/v1/sentiment/explain", json={"text": "Thanks, that fixed it!"})
         assert explain.status_code == 200 and explain.json()["label"] in LABELS
+        metrics = client.get("/metrics").text
+        assert "sentiment_teacher_restarts_total 1.0" in metrics and "sentiment_teacher_up 1.0" in metrics
+
+
+def test_a_teacher_that_cannot_start_is_reported_and_the_student_answers(tiny_model, tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)  # the real server, a model file it cannot load
+    env = {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_TEACHER_GGUF": str(broken)}
+    with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
+        details = lambda: client.get("/health/ready").json()["details"]  # noqa: E731
+        assert wait_for(lambda: details()["teacher_restarts"] >= 1, 60), details()
+        assert details()["teacher_state"] in ("down", "starting")
+        assert details()["teacher_last_exit"].startswith(("exit code", "signal"))
+        scored = client.post("/v1/sentiment", json={"text": "where is my parcel", "fallback": "always"})
+        assert scored.status_code == 200
+        assert scored.json()["results"][0]["fallback"]["outcome"] == "breaker_open"
+        explain = client.post("/v1/sentiment/explain", json={"text": "hello"})
+        assert explain.status_code == 503 and explain.json()["error"]["code"] == "teacher_unavailable"
+        assert explain.json()["error"]["details"]["last_exit"] == details()["teacher_last_exit"]
+        metrics = client.get("/metrics").text
+        assert "sentiment_teacher_up 0.0" in metrics and "sentiment_teacher_breaker_state 2.0" in metrics
+        starts = details()["teacher_restarts"] + 1
+    assert svc.log.read_text().count('"teacher down"') <= starts + 1  # one line per failed start, no flood
+
+
+def test_the_child_ignores_port_and_host_meant_for_the_platform(monkeypatch) -> None:
+    monkeypatch.setenv("PORT", "1")  # llama-cpp-python's server would prefer these to its arguments
+    monkeypatch.setenv("HOST", "203.0.113.9")
+    teacher = EmbeddedTeacher()
+    try:
+        teacher.start()
+        assert teacher.responds() and teacher.answers_logprobs()
+    finally:
+        teacher.stop()
+
+
+def test_no_teacher_process_outlives_its_owner(tmp_path) -> None:
+    for kill in (signal.SIGTERM, signal.SIGKILL):
+        port = str(free_port())
+        owner = subprocess.Popen([sys.executable, "-m", "service.teacher_process"], cwd=ROOT, text=True,
+                                 env={**os.environ, "SENTIMENT_TEACHER_PORT": port, "PYTHONPATH": str(ROOT)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert any("teacher ready" in line for line in owner.stdout), "the teacher never became ready"
+            child = [pid for pid in descendants(owner.pid) if b"llama_cpp.server" in cmdline(pid)]
+            assert len(child) == 1
+            owner.send_signal(kill)
+            owner.wait(timeout=15)
+            assert wait_for(functools.partial(gone, child[0]), 15), f"llama.cpp outlived its owner's {kill.name}"
+        finally:
+            owner.kill()
+            owner.wait()
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie awaiting its reaper counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_a_tiny_teacher_deadline_yields_timeout_and_the_student_answer(tiny_model, teacher, tmp_path) -> None:
