@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,3 +281,22 @@ def test_strict_label_parsing(answer, label) -> None:
 def test_reason_parsing() -> None:
     assert parse_reason(" negative\nReason: late and broken.\n\nMessage: x") == "late and broken."
     assert parse_reason(" negative") is None
+
+
+# Instructions beyond the AVX2 baseline: AVX-512 (zmm registers, mask registers), AMX tiles, AVX-VNNI, BF16.
+BEYOND_AVX2 = re.compile(r"zmm|%k[0-7]\b|\{%k[0-7]\}|tdpb|tileloadd|ldtilecfg|vpdpbusd|vpdpwssd|vcvtneps2bf16|"
+                         r"vdpbf16ps")
+
+
+def test_the_teacher_build_uses_no_instruction_beyond_avx2() -> None:
+    """The wheel `make` builds must run on any AVX2 CPU, whatever CPU built it (a native build on an AMX
+    Xeon died with SIGILL): no shared library of llama.cpp may contain AVX-512, AMX or VNNI code."""
+    import llama_cpp
+
+    libraries = sorted(Path(llama_cpp.__file__).parent.glob("lib/*.so"))
+    assert libraries, "llama-cpp-python ships no shared libraries"
+    for library in libraries:
+        listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True,
+                                 text=True, check=True).stdout
+        found = sorted({match.group(0) for match in BEYOND_AVX2.finditer(listing)})
+        assert not found, f"{library.name} uses {found}"
