@@ -6,9 +6,11 @@ A broken model directory stops the start with one line naming the file, before a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from service.artifact import ArtifactError, load_artifact
+from service.lifetime import MASTER_PID_VARIABLE
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from granian.log import LogLevels
         from granian.server import Server
 
+        os.environ[MASTER_PID_VARIABLE] = str(os.getpid())  # the worker exits if this process dies
         Server("service.app:app_from_env", factory=True, address=settings.host, port=settings.port,
                interface=Interfaces.ASGI, workers=1, loop=Loops.auto, log_enabled=True,
                log_level=LogLevels.warning, log_access=False).serve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.artifact import load_artifact
 from service.errors import handle_exception
+from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
 from service.metrics import Metrics
 from service.routes import HealthController, SentimentController, provide_scorer
 from service.scoring import Scorer
@@ -82,5 +84,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 def app_from_env() -> Litestar:
     """Factory for ASGI servers (`granian --factory service.app:app_from_env`)."""
+    master = os.environ.get(MASTER_PID_VARIABLE)
+    if master and int(master) != os.getpid():
+        exit_with_parent(int(master))
     return create_app(Settings.from_env())
 

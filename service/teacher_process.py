@@ -30,11 +30,11 @@ EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 STARTING, READY, DOWN, STOPPED = "starting", "ready", "down", "stopped"
 # The only variables the child inherits: enough to run Python, nothing the server reads as a setting.
 CHILD_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH")
-# Runs in the child before the server: die with the owner (PR_SET_PDEATHSIG), also if it is already gone.
+# Runs in the child before the server: die with the owner, also if it is already gone.
 _CHILD_MAIN = (
-    "import ctypes, os, runpy, signal, sys\n"
-    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "import runpy, sys\n"
+    "from service.lifetime import exit_with_parent\n"
+    "exit_with_parent(int(sys.argv[1]))\n"
     "sys.argv = ['llama_cpp.server', *sys.argv[2:]]\n"
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
 )

@@ -224,6 +224,18 @@ def test_no_teacher_process_outlives_its_owner(tmp_path) -> None:
             owner.wait()
 
 
+def test_a_killed_service_leaves_no_worker_or_teacher_behind(tiny_model, tmp_path) -> None:
+    env = {"SENTIMENT_TEACHER_ENABLED": "true"}
+    with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
+        assert wait_for(lambda: client.get("/health/ready").json()["details"]["teacher_state"] == "ready", 60)
+        below = descendants(svc.process.pid)  # granian's worker and the llama.cpp server under it
+        assert any(b"llama_cpp.server" in cmdline(pid) for pid in below) and len(below) >= 2
+        svc.process.kill()
+        svc.process.wait()
+        for pid in below:
+            assert wait_for(functools.partial(gone, pid), 20), f"{cmdline(pid)[:80]!r} outlived the service"
+
+
 def gone(pid: int) -> bool:
     """The process has exited (a zombie awaiting its reaper counts as exited)."""
     try:
