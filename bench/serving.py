@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,15 +108,20 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"])
-    parser.add_argument("--configs", nargs="+", default=["threads2", "streams2"],
-                        help="threads2: one inference stream with 2 ORT threads; streams2: two streams of 1 thread")
+    parser.add_argument("--configs", nargs="+", default=["auto", "1x2", "2x1"],
+                        help="auto: the layout the service measures at warm-up; SxT: S streams of T ORT threads, "
+                             "batches up to 32")
     args = parser.parse_args()
     results: dict[str, dict] = {"in_process": in_process(args.model, args.seconds)}
-    configs = {"threads2": {"SENTIMENT_INTRA_OP_THREADS": "2"}, "streams2": {"SENTIMENT_INTRA_OP_THREADS": "1"}}
+    configs = {name: {} if name == "auto" else {"SENTIMENT_LAYOUT": name, "SENTIMENT_MAX_BATCH_SIZE": "32"}
+               for name in args.configs}
     for server in args.servers:
         for name in args.configs:
             process, url = serve(args.model, server, configs[name])
             try:
+                if name == "auto":
+                    chosen = httpx.get(f"{url}/v1/model").json()["serving"]
+                    print(f"{server}/auto chose: {chosen['reason']}", flush=True)
                 asyncio.run(load(url, 4, 1.0))  # warm connections and code paths
                 results[f"{server}/{name}"] = {f"c{c}": asyncio.run(load(url, c, args.seconds)) for c in (1, 64)}
             finally:

@@ -19,19 +19,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 from service.errors import ErrorKind, ServiceError
 from service.metrics import Metrics
 
-InferFn = Callable[[Sequence[list[int]]], np.ndarray]
+# Token id sequences in, one result row per sequence out (probabilities, or finished predictions).
+InferFn = Callable[[Sequence[list[int]]], Sequence[Any]]
 
 
 @dataclass
 class _Item:
     ids: list[int]
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
     deadline: float
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -58,8 +58,8 @@ class Batcher:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}") for i in range(self.workers)]
 
-    async def submit(self, sequences: Sequence[list[int]], deadline: float) -> list[np.ndarray]:
-        """Queue the texts of one request; their probability rows come back in the same order."""
+    async def submit(self, sequences: Sequence[list[int]], deadline: float) -> list[Any]:
+        """Queue the texts of one request; their result rows come back in the same order."""
         if self._closing:
             raise ServiceError(ErrorKind.NOT_READY, "service is shutting down", retry_after=1)
         if len(self._pending) + len(sequences) > self.queue_size:

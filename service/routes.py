@@ -87,9 +87,10 @@ class SentimentController(Controller):
                                student=StudentVerdict(student.decision.prediction.label,
                                                       student.decision.prediction.score))
 
-    @get("/model", summary="The served model's manifest")
+    @get("/model", summary="The served model's manifest, and the execution layout chosen on this machine")
     async def model(self, scorer: Scorer) -> dict[str, Any]:
-        return scorer.artifact.manifest.to_json()
+        layout = scorer.engine.layout.to_json() if scorer.engine else None
+        return {**scorer.artifact.manifest.to_json(), "serving": layout}
 
 
 class HealthController(Controller):
@@ -103,8 +104,8 @@ class HealthController(Controller):
     @get("/ready", summary="503 until the model is loaded and warmed, and while draining")
     async def ready(self, scorer: Scorer) -> Response[Health]:
         teacher = scorer.teacher_status()
-        details = {"model_loaded": scorer.runner is not None, "warmed": scorer.ready, "draining": scorer.draining,
-                   "teacher": scorer.teacher is not None, "queue_depth": scorer.batcher.depth if scorer.batcher else 0,
+        details = {"model_loaded": scorer.engine is not None, "warmed": scorer.ready, "draining": scorer.draining,
+                   "teacher": scorer.teacher is not None, "queue_depth": scorer.engine.depth if scorer.engine else 0,
                    "teacher_restarts": scorer.embedded_teacher.restarts if scorer.embedded_teacher else None,
                    "teacher_state": teacher["state"], "teacher_last_exit": teacher["last_exit"]}
         if scorer.ready and not scorer.draining:

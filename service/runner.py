@@ -4,7 +4,6 @@ nothing of asyncio or HTTP, so the batcher can run it off the event loop and tes
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +11,15 @@ import numpy as np
 import onnxruntime as ort
 
 from service.artifact import Artifact
+from service.layout import (
+    BATCH_SIZES,
+    Layout,
+    available_cores,
+    calibrate,
+    calibration_sequences,
+    candidate_shapes,
+    parse_shape,
+)
 from service.tokenization import Encoded, TextEncoder
 
 
@@ -23,14 +31,14 @@ class Prediction:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """Threads by measurement on small CPUs (DESIGN.md): one per core, at most 2, no spinning.
+    """`threads` ORT threads for one inference (0: one per available core), no spinning.
 
     Spinning threads on a shared core doubled latency, so inter- and intra-op spinning are off.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -80,3 +88,18 @@ class ModelRunner:
         """Run every padded width class once so the first real request pays no allocation cost."""
         for width in (8, 32, 128, self.manifest.max_tokens):
             self.logits([[self.encoder.pad_id] * width] * 2)
+
+
+def choose_layout(artifact: Artifact, shape: str = "auto", max_batch_size: int = 0) -> tuple[Layout, ModelRunner]:
+    """The layout for this machine and the runner it needs. What the settings fix is kept; what they leave
+    open (shape 'auto', batch size 0) is measured on this CPU (service/layout.py)."""
+    fixed = parse_shape(shape)
+    shapes = [fixed] if fixed else candidate_shapes(available_cores())
+    if fixed and max_batch_size:
+        return Layout(*fixed, max_batch_size), ModelRunner(artifact, threads=fixed[1])
+    runners = {threads: ModelRunner(artifact, threads=threads) for threads in sorted({t for _, t in shapes})}
+    sizes = (max_batch_size,) if max_batch_size else BATCH_SIZES
+    runner = next(iter(runners.values()))
+    layout = calibrate(runners, shapes, calibration_sequences(runner.encoder.pad_id, runner.encoder.vocab_size),
+                       sizes)
+    return layout, runners[layout.threads]

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.artifact import Artifact
-from service.batcher import Batcher
+from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
 from service.fallback import Fallback, FallbackDecision, teacher_prediction
 from service.metrics import Metrics
-from service.runner import ModelRunner
 from service.settings import Settings
 from service.teacher import OK, TeacherAnswer, TeacherClient
 from service.teacher_process import READY, STARTING, EmbeddedTeacher
@@ -36,8 +35,7 @@ class Scored:
 class Scorer:
     def __init__(self, settings: Settings, artifact: Artifact, metrics: Metrics) -> None:
         self.settings, self.artifact, self.metrics = settings, artifact, metrics
-        self.runner: ModelRunner | None = None
-        self.batcher: Batcher | None = None
+        self.engine: Engine | None = None
         self.teacher: TeacherClient | None = None
         self.fallback: Fallback | None = None
         self.ready = False
@@ -49,6 +47,8 @@ class Scorer:
     async def started(cls, settings: Settings, artifact: Artifact, metrics: Metrics) -> AsyncIterator[Scorer]:
         scorer = cls(settings, artifact, metrics)
         tasks: list[asyncio.Task[None]] = []
+        stop = asyncio.Event()
+        engine_task: asyncio.Task[None] | None = None
         try:
             scorer.teacher = scorer._teacher_client()
             scorer.fallback = scorer._fallback(scorer.teacher)
@@ -56,14 +56,17 @@ class Scorer:
             if scorer.embedded_teacher:
                 scorer._teacher_changed(scorer.embedded_teacher)
                 tasks.append(asyncio.create_task(scorer.embedded_teacher.supervise(), name="teacher-supervisor"))
-            scorer._load_model()
-            tasks.append(asyncio.create_task(scorer._warm_up(), name="warm-up"))
+            scorer._publish_model_info()
+            engine_task = asyncio.create_task(scorer._serve_student(stop), name="student")
             yield scorer
         finally:
             scorer.ready, scorer.draining = False, True
             metrics.ready.set(0)
-            if scorer.batcher:
-                await scorer.batcher.close()
+            stop.set()  # the engine drains its queue and closes
+            if engine_task:
+                if scorer.engine is None:
+                    engine_task.cancel()  # still warming up: nothing to drain
+                await asyncio.gather(engine_task, return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -72,25 +75,23 @@ class Scorer:
             if scorer.embedded_teacher:
                 await asyncio.to_thread(scorer.embedded_teacher.stop)
 
-    def _load_model(self) -> None:
-        s = self.settings
-        workers = 2 if s.intra_op_threads == 1 else 1
-        self.runner = ModelRunner(self.artifact, threads=s.intra_op_threads)
-        self.batcher = Batcher(self.runner.probabilities, self.metrics, max_batch_size=s.max_batch_size,
-                               max_batch_tokens=s.max_batch_tokens, max_wait=s.max_wait_ms / 1000,
-                               queue_size=s.queue_size, workers=workers)
+    def _publish_model_info(self) -> None:
         m = self.artifact.manifest
         self.metrics.model_info.info({"name": m.name, "version": m.version, "sha256": m.sha256[:16],
                                       "quantization": str(m.quantization.get("mode", "none"))})
 
-    async def _warm_up(self) -> None:
-        assert self.runner and self.batcher
-        for _ in range(max(1, self.settings.warmup_rounds)):
-            await asyncio.to_thread(self.runner.warm_up)
-        self.batcher.start()
-        self.ready = True
-        self.metrics.ready.set(1)
-        log.info("model ready", extra={"model": self.artifact.manifest.name})
+    async def _serve_student(self, stop: asyncio.Event) -> None:
+        """Start the engine (layout, warm-up), report ready, and keep it until `stop`."""
+        try:
+            async with Engine.started(self.artifact, self.settings, self.metrics) as engine:
+                self.engine = engine
+                self.ready = True
+                self.metrics.ready.set(1)
+                log.info("model ready", extra={"model": self.artifact.manifest.name})
+                await stop.wait()
+        except Exception:
+            log.exception("the model could not be started; the service stays not ready")
+            raise
 
     def _teacher_client(self) -> TeacherClient | None:
         """The teacher client: to SENTIMENT_TEACHER_URL, or to an embedded teacher supervised in the
@@ -131,24 +132,21 @@ class Scorer:
                         teacher_timeout=s.teacher_timeout_s, breaker_failures=s.breaker_failures,
                         breaker_reset=s.breaker_reset_s, hard_cases_path=s.hard_cases_path)
 
-    def _require_ready(self) -> tuple[ModelRunner, Batcher, Fallback]:
-        if not self.ready or self.draining or not self.runner or not self.batcher or not self.fallback:
+    def _require_ready(self) -> tuple[Engine, Fallback]:
+        if not self.ready or self.draining or not self.engine or not self.fallback:
             raise ServiceError(ErrorKind.NOT_READY, "model is not ready yet", retry_after=1)
-        return self.runner, self.batcher, self.fallback
+        return self.engine, self.fallback
 
     async def score(self, texts: list[str], policy: str) -> list[Scored]:
-        runner, batcher, fallback = self._require_ready()
+        engine, fallback = self._require_ready()
         deadline = time.perf_counter() + self.settings.request_timeout_s
-        started = time.perf_counter()
-        encoded = runner.encode(texts)
-        self.metrics.tokenize_duration.observe(time.perf_counter() - started)
+        encoded = await engine.encode(texts)
         try:
-            rows = await batcher.submit([enc.ids for enc in encoded], deadline)
+            predictions = await engine.infer(encoded, deadline)
         except ServiceError as exc:
             if exc.kind is not ErrorKind.INTERNAL or self.teacher is None:
                 raise
             return await self._teacher_only(fallback, texts, encoded, deadline, exc)
-        predictions = runner.predictions(rows)
         decisions = await fallback.decide(texts, predictions, policy, deadline)
         for enc, decision in zip(encoded, decisions, strict=True):
             self._observe(enc.ids, enc.truncated, decision)
@@ -180,7 +178,7 @@ class Scorer:
 
     async def explain(self, text: str) -> tuple[TeacherAnswer, Scored]:
         """The teacher's label and rationale, beside the student's own verdict."""
-        _, _, fallback = self._require_ready()
+        _, fallback = self._require_ready()
         if fallback.client is None:
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "no teacher is configured or running", retry_after=5)
         if fallback.breaker.held:

@@ -33,6 +33,7 @@ class TextEncoder:
         self._cls = self._special_id("[CLS]", "<s>")
         self._sep = self._special_id("[SEP]", "</s>")
         self.pad_id = self._special_id("[PAD]", "<pad>")
+        self.vocab_size = self._tokenizer.get_vocab_size()
 
     def _special_id(self, *names: str) -> int:
         for name in names:

@@ -1,0 +1,64 @@
+"""The student path's one owner: encode → batch → infer → post-process, with the layout it chose.
+
+`Engine.started(...)` measures the layout for this machine (service/layout.py), warms the runner and
+runs the batcher for the engine's lifetime. Requests call `encode`, then `infer`: tokenising happens here (inline
+for ordinary requests, in a thread for large ones, so the event loop never stalls), and inference and
+post-processing happen together in the batch's thread, so the loop only routes results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from service.artifact import Artifact
+from service.batcher import Batcher
+from service.layout import Layout
+from service.metrics import Metrics
+from service.runner import ModelRunner, Prediction, choose_layout
+from service.settings import Settings
+from service.tokenization import Encoded
+
+log = logging.getLogger("sentiment.engine")
+# Above this many characters a request is tokenised off the event loop (~1 ms of tokenizer work).
+INLINE_ENCODE_CHARS = 4_000
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, layout: Layout, batcher: Batcher, metrics: Metrics) -> None:
+        self.runner, self.layout, self.batcher, self._metrics = runner, layout, batcher, metrics
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def started(cls, artifact: Artifact, settings: Settings, metrics: Metrics) -> AsyncIterator[Engine]:
+        s = settings
+        layout, runner = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_size)
+        log.info("layout chosen", extra={"layout": layout.shape, "max_batch_size": layout.max_batch_size,
+                                         "reason": layout.reason})
+        for _ in range(max(1, s.warmup_rounds)):
+            await asyncio.to_thread(runner.warm_up)
+        batcher = Batcher(lambda ids: runner.predictions(runner.probabilities(ids)), metrics,
+                          max_batch_size=layout.max_batch_size, max_batch_tokens=s.max_batch_tokens,
+                          max_wait=s.max_wait_ms / 1000, queue_size=s.queue_size, workers=layout.streams)
+        batcher.start()
+        try:
+            yield cls(runner, layout, batcher, metrics)
+        finally:
+            await batcher.close()
+
+    @property
+    def depth(self) -> int:
+        return self.batcher.depth
+
+    async def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        with self._metrics.tokenize_duration.time():
+            if sum(map(len, texts)) <= INLINE_ENCODE_CHARS:
+                return self.runner.encode(texts)
+            return await asyncio.to_thread(self.runner.encode, texts)
+
+    async def infer(self, encoded: Sequence[Encoded], deadline: float) -> list[Prediction]:
+        """The student's predictions, in order; ServiceError when the queue is full, past the deadline, or
+        when inference fails (every text of a failed batch hears of it)."""
+        return await self.batcher.submit([enc.ids for enc in encoded], deadline)
