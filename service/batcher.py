@@ -6,7 +6,8 @@ Invariants (checked by tests/test_batcher.py):
 - the oldest pending text is always in the next batch (no starvation); the rest of the batch is
   filled with the pending texts closest to it in length, so little compute goes to padding;
 - a batch waits at most `max_wait` for company, and not at all when its text is the only one
-  pending and no other batch is running: a lone request pays no batching delay;
+  pending and no other batch is running: a lone request pays no batching delay; such a batch runs
+  on `infer_alone` (all cores on one call) where one is given;
 - admission is bounded: a request whose texts do not fit in the queue is refused at once;
 - every submitted future is resolved: with its own row, with the batch's error when inference
   raises, or with a deadline / shutdown error. Callers that went away are skipped and counted.
@@ -39,8 +40,8 @@ class _Item:
 class Batcher:
     def __init__(self, infer: InferFn, metrics: Metrics, *, max_batch_size: int = 32,
                  max_batch_tokens: int = 8192, max_wait: float = 0.002, queue_size: int = 512,
-                 workers: int = 1) -> None:
-        self._infer = infer
+                 workers: int = 1, infer_alone: InferFn | None = None) -> None:
+        self._infer, self._infer_alone = infer, infer_alone or infer
         self._metrics = metrics
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait, self.queue_size, self.workers = max_wait, queue_size, workers
@@ -137,10 +138,11 @@ class Batcher:
             self._metrics.queue_wait.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_tokens.observe(len(batch) * max(len(item.ids) for item in batch))
+        infer = self._infer_alone if self._running == 0 and not self._pending else self._infer
         self._running += 1
         try:
             probs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._infer, [item.ids for item in batch])
+                self._executor, infer, [item.ids for item in batch])
             if len(probs) != len(batch):
                 raise RuntimeError(f"inference returned {len(probs)} rows for {len(batch)} texts")
         except asyncio.CancelledError:  # shutting down mid-batch: its callers must not hang

@@ -3,7 +3,9 @@
 `Engine.started(...)` measures the layout for this machine (service/layout.py), warms the runner and
 runs the batcher for the engine's lifetime. Requests call `encode`, then `infer`: tokenising happens here (inline
 for ordinary requests, in a thread for large ones, so the event loop never stalls), and inference and
-post-processing happen together in the batch's thread, so the loop only routes results.
+post-processing happen together in the batch's thread, so the loop only routes results. A batch
+that runs alone (nothing queued, nothing running) gets a runner with every core: the layout serves
+throughput under load, and a lone request still gets the lowest latency.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from service.artifact import Artifact
 from service.batcher import Batcher
@@ -34,14 +36,17 @@ class Engine:
     @contextlib.asynccontextmanager
     async def started(cls, artifact: Artifact, settings: Settings, metrics: Metrics) -> AsyncIterator[Engine]:
         s = settings
-        layout, runner = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_size)
-        log.info("layout chosen", extra={"layout": layout.shape, "max_batch_size": layout.max_batch_size,
+        layout, runners = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_tokens)
+        log.info("layout chosen", extra={"layout": layout.shape, "batch_tokens": layout.batch_tokens,
                                          "reason": layout.reason})
+        runner, solo = runners[layout.threads], runners[max(runners)]
         for _ in range(max(1, s.warmup_rounds)):
-            await asyncio.to_thread(runner.warm_up)
-        batcher = Batcher(lambda ids: runner.predictions(runner.probabilities(ids)), metrics,
-                          max_batch_size=layout.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                          max_wait=s.max_wait_ms / 1000, queue_size=s.queue_size, workers=layout.streams)
+            for warm in {id(r): r for r in (runner, solo)}.values():
+                await asyncio.to_thread(warm.warm_up)
+        batcher = Batcher(_finished(runner), metrics, max_batch_size=s.max_batch_size,
+                          max_batch_tokens=layout.batch_tokens, max_wait=s.max_wait_ms / 1000,
+                          queue_size=s.queue_size, workers=layout.streams,
+                          infer_alone=_finished(solo) if solo is not runner else None)
         batcher.start()
         try:
             yield cls(runner, layout, batcher, metrics)
@@ -62,3 +67,8 @@ class Engine:
         """The student's predictions, in order; ServiceError when the queue is full, past the deadline, or
         when inference fails (every text of a failed batch hears of it)."""
         return await self.batcher.submit([enc.ids for enc in encoded], deadline)
+
+
+def _finished(runner: ModelRunner) -> Callable[[Sequence[list[int]]], list[Prediction]]:
+    """Inference and post-processing in one call, so both run in the batch's thread."""
+    return lambda sequences: runner.predictions(runner.probabilities(sequences))

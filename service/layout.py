@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-BATCH_SIZES = (1, 2, 4, 8, 16)
-# A candidate within this share of the best throughput counts as equal: the machine is noisy, and the
-# smaller batch (and the wider stream) then wins on latency.
+# Padded tokens per batch (texts × longest) tried at warm-up. Tokens, not texts, decide a batch's cost,
+# so the choice carries over from the calibration's lengths to the traffic's.
+TOKEN_BUDGETS = (32, 64, 128, 256, 512)
+# Within this share of the best throughput candidates count as equal (the machine is noisy): the larger
+# budget then wins (fewer batches, less per-batch work in the server), then more threads per stream.
 NOISE_MARGIN = 0.05
 
 
@@ -33,16 +35,16 @@ class Runs(Protocol):
 class Layout:
     streams: int
     threads: int
-    max_batch_size: int
+    batch_tokens: int
     reason: str = "configured"
-    measured: dict[str, float] = field(default_factory=dict)  # "2x1 b8" -> texts/s
+    measured: dict[str, float] = field(default_factory=dict)  # "2x1 t128" -> texts/s
 
     @property
     def shape(self) -> str:
         return f"{self.streams}x{self.threads}"
 
     def to_json(self) -> dict[str, object]:
-        return {"streams": self.streams, "threads": self.threads, "max_batch_size": self.max_batch_size,
+        return {"streams": self.streams, "threads": self.threads, "batch_tokens": self.batch_tokens,
                 "reason": self.reason, "measured_texts_per_s": {k: round(v, 1) for k, v in self.measured.items()}}
 
 
@@ -77,29 +79,39 @@ def candidate_shapes(cores: int) -> list[tuple[int, int]]:
     return [(cores // threads, threads) for threads in range(cores, 0, -1) if cores % threads == 0]
 
 
-def calibration_sequences(pad_id: int, vocab_size: int, count: int = 96, seed: int = 0) -> list[list[int]]:
-    """Token sequences with the lengths of short customer messages (10–60 tokens). ONNX Runtime's cost
-    does not depend on which ids they hold, only on how many."""
+def calibration_sequences(vocab_size: int, count: int = 128, seed: int = 0) -> list[list[int]]:
+    """Token sequences with the lengths of customer messages (6–64 tokens, most of them short). ONNX
+    Runtime's cost does not depend on which ids they hold, only on how many."""
     rng = random.Random(seed)
     low = min(1000, vocab_size // 2)
-    return [[rng.randrange(low, vocab_size) for _ in range(rng.randint(10, 60))] for _ in range(count)]
+    return [[rng.randrange(low, vocab_size) for _ in range(min(64, 6 + int(rng.expovariate(1 / 16))))]
+            for _ in range(count)]
 
 
-def throughput(run: Callable[[list[list[int]]], object], streams: int, sequences: list[list[int]], batch: int,
+def pack(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
+    """Length-sorted sequences cut into batches of at most `batch_tokens` padded tokens (at least one
+    sequence each), as the batcher fills them from a deep queue."""
+    batches: list[list[list[int]]] = []
+    for seq in sorted(sequences, key=len):
+        if batches and len(seq) * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(seq)
+        else:
+            batches.append([seq])
+    return batches
+
+
+def throughput(run: Callable[[list[list[int]]], object], streams: int, batches: list[list[list[int]]],
                seconds: float) -> float:
-    """Texts/s with `streams` threads each running batches of `batch` neighbouring-length sequences, as
-    the batcher fills them under load."""
-    ordered = sorted(sequences, key=len)
-    chunks = [ordered[i:i + batch] for i in range(0, len(ordered) - batch + 1, batch)]
+    """Texts/s with `streams` threads each running the batches in turn, for `seconds`."""
     done = [0] * streams
     until = time.perf_counter() + seconds
 
     def stream(k: int) -> None:
         i = k
         while time.perf_counter() < until:
-            chunk = chunks[i % len(chunks)]
-            run(chunk)
-            done[k] += len(chunk)
+            batch = batches[i % len(batches)]
+            run(batch)
+            done[k] += len(batch)
             i += streams
 
     started = time.perf_counter()
@@ -112,28 +124,29 @@ def throughput(run: Callable[[list[list[int]]], object], streams: int, sequences
 
 
 def calibrate(runners: dict[int, Runs], shapes: list[tuple[int, int]], sequences: list[list[int]],
-              batch_sizes: Sequence[int] = BATCH_SIZES, seconds: float = 0.1, rounds: int = 3) -> Layout:
-    """Measure every shape × batch size (`runners` maps a thread count to a runner with that many ORT
+              budgets: Sequence[int] = TOKEN_BUDGETS, seconds: float = 0.1, rounds: int = 3) -> Layout:
+    """Measure every shape × token budget (`runners` maps a thread count to a runner with that many ORT
     threads), rounds interleaved against drift, keep the median of each, and choose from those."""
+    packed = {budget: pack(sequences, budget) for budget in budgets}
     samples: dict[tuple[int, int, int], list[float]] = {}
     for _ in range(rounds):
         for streams, threads in shapes:
-            for batch in batch_sizes:
-                samples.setdefault((streams, threads, batch), []).append(
-                    throughput(runners[threads].logits, streams, sequences, batch, seconds))
+            for budget in budgets:
+                samples.setdefault((streams, threads, budget), []).append(
+                    throughput(runners[threads].logits, streams, packed[budget], seconds))
     return choose({key: statistics.median(values) for key, values in samples.items()})
 
 
 def choose(measured: dict[tuple[int, int, int], float]) -> Layout:
-    """The fastest (streams, threads, batch), except that within NOISE_MARGIN of it the smallest batch
-    wins, then the most threads per stream: both answer a lone request sooner."""
+    """The fastest (streams, threads, token budget); within NOISE_MARGIN of it, the largest budget, then
+    the most threads per stream."""
     best_key = max(measured, key=measured.__getitem__)
     best = measured[best_key]
     near = [key for key, value in measured.items() if value >= (1 - NOISE_MARGIN) * best]
-    key = min(near, key=lambda k: (k[2], -k[1]))
-    streams, threads, batch = key
-    reason = f"{streams}x{threads} up to batch {batch}: {measured[key]:.0f} texts/s measured here"
+    key = max(near, key=lambda k: (k[2], k[1]))
+    streams, threads, budget = key
+    reason = f"{streams}x{threads}, batches up to {budget} tokens: {measured[key]:.0f} texts/s measured here"
     if key != best_key:
-        reason += (f", within {NOISE_MARGIN:.0%} of the fastest ({best_key[0]}x{best_key[1]} batch {best_key[2]}:"
-                   f" {best:.0f}) with less waiting")
-    return Layout(streams, threads, batch, reason, {f"{s}x{t} b{b}": v for (s, t, b), v in sorted(measured.items())})
+        reason += (f", within {NOISE_MARGIN:.0%} of the fastest ({best_key[0]}x{best_key[1]}, {best_key[2]} tokens:"
+                   f" {best:.0f})")
+    return Layout(streams, threads, budget, reason, {f"{s}x{t} t{b}": v for (s, t, b), v in sorted(measured.items())})

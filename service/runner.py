@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from service.artifact import Artifact
 from service.layout import (
-    BATCH_SIZES,
+    TOKEN_BUDGETS,
     Layout,
     available_cores,
     calibrate,
@@ -90,16 +90,17 @@ class ModelRunner:
             self.logits([[self.encoder.pad_id] * width] * 2)
 
 
-def choose_layout(artifact: Artifact, shape: str = "auto", max_batch_size: int = 0) -> tuple[Layout, ModelRunner]:
-    """The layout for this machine and the runner it needs. What the settings fix is kept; what they leave
-    open (shape 'auto', batch size 0) is measured on this CPU (service/layout.py)."""
+def choose_layout(artifact: Artifact, shape: str = "auto",
+                  batch_tokens: int = 0) -> tuple[Layout, dict[int, ModelRunner]]:
+    """The layout for this machine and runners by thread count: the layout's own, and one with every core
+    for a batch that runs alone. What the settings fix is kept; what they leave open (shape 'auto', batch
+    tokens 0) is measured on this CPU (service/layout.py)."""
+    cores = available_cores()
     fixed = parse_shape(shape)
-    shapes = [fixed] if fixed else candidate_shapes(available_cores())
-    if fixed and max_batch_size:
-        return Layout(*fixed, max_batch_size), ModelRunner(artifact, threads=fixed[1])
-    runners = {threads: ModelRunner(artifact, threads=threads) for threads in sorted({t for _, t in shapes})}
-    sizes = (max_batch_size,) if max_batch_size else BATCH_SIZES
-    runner = next(iter(runners.values()))
-    layout = calibrate(runners, shapes, calibration_sequences(runner.encoder.pad_id, runner.encoder.vocab_size),
-                       sizes)
-    return layout, runners[layout.threads]
+    shapes = [fixed] if fixed else candidate_shapes(cores)
+    runners = {t: ModelRunner(artifact, threads=t) for t in sorted({t for _, t in shapes} | {cores})}
+    if fixed and batch_tokens:
+        return Layout(*fixed, batch_tokens), runners
+    budgets = (batch_tokens,) if batch_tokens else TOKEN_BUDGETS
+    sequences = calibration_sequences(runners[cores].encoder.vocab_size)
+    return calibrate(runners, shapes, sequences, budgets), runners

@@ -28,8 +28,8 @@ class Settings:
     model_dir: Path = _doc(DEFAULT_MODEL_DIR, "model artefact directory (model.onnx, tokenizer.json, manifest.json)")
     layout: str = _doc("auto", "inference streams x ORT threads, e.g. 2x1; auto: measured at warm-up on this CPU")
     warmup_rounds: int = _doc(3, "warm-up passes over every padded width before the service reports ready")
-    max_batch_size: int = _doc(0, "most texts in one inference call; 0: the largest batch that pays, measured")
-    max_batch_tokens: int = _doc(8192, "most padded tokens (texts x longest) in one inference call")
+    max_batch_size: int = _doc(64, "most texts in one inference call")
+    max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
     max_wait_ms: float = _doc(2.0, "longest a batch waits for company; 0 when nothing else is queued or running")
     queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
     request_timeout_s: float = _doc(5.0, "request deadline; past it the answer is 504")
@@ -72,8 +72,10 @@ class Settings:
         if self.server not in ("granian", "uvicorn"):
             raise ValueError(f"SENTIMENT_SERVER must be granian or uvicorn, not {self.server!r}")
         parse_shape(self.layout)
-        if self.max_batch_size < 0 or min(self.queue_size, self.max_texts, self.max_text_chars) < 1:
-            raise ValueError("queue size, max texts and max text chars must be at least 1, batch size at least 0")
+        if self.max_batch_tokens < 0 or min(self.max_batch_size, self.queue_size, self.max_texts,
+                                            self.max_text_chars) < 1:
+            raise ValueError("batch size, queue size, max texts and max text chars must be at least 1, "
+                             "batch tokens at least 0")
         return self
 
     @classmethod

@@ -93,7 +93,8 @@ def running_service(model_dir: Path, log_dir: Path, wait_ready: bool = True, **e
     settings = {"SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_HOST": "127.0.0.1", "SENTIMENT_LOG_LEVEL": "INFO",
                 "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_WARMUP_ROUNDS": "1",
                 # A fixed layout, so batching behaves the same on every CPU; test_layout measures the auto one.
-                "SENTIMENT_LAYOUT": "1x2", "SENTIMENT_MAX_BATCH_SIZE": "32", **env}
+                "SENTIMENT_LAYOUT": "1x2", "SENTIMENT_MAX_BATCH_SIZE": "32", "SENTIMENT_MAX_BATCH_TOKENS": "8192",
+                **env}
     log = log_dir / f"service-{free_port()}.log"
     process, url = start_service(settings, wait=60, log=log, probe="ready" if wait_ready else "live")
     service = Service(url, process, log)

@@ -145,3 +145,21 @@ def test_deadline_in_queue_and_shutdown_leave_no_caller_hanging() -> None:
             assert not isinstance(outcome[0], asyncio.CancelledError)
 
     asyncio.run(scenario())
+
+
+def test_a_batch_alone_runs_on_the_alone_runner_and_concurrent_batches_on_the_streams() -> None:
+    streams, alone = RecordingInfer(delay=0.02), RecordingInfer(delay=0.02)
+
+    async def scenario() -> None:
+        batcher = Batcher(streams, Metrics(), max_batch_size=1, max_wait=0.0, workers=2, infer_alone=alone)
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        rows = await batcher.submit([[4, 1, 1]], deadline)
+        assert int(rows[0][0]) == 4 and alone.batches == [(1, 3)] and not streams.batches
+        results = await asyncio.gather(*(batcher.submit([[10 + i, 1]], deadline) for i in range(6)))
+        assert [int(r[0][0]) for r in results] == [10 + i for i in range(6)]
+        await batcher.close()
+
+    asyncio.run(scenario())
+    # Six texts queued at once: the first batch saw others waiting, so none of them ran alone.
+    assert len(alone.batches) == 1 and sum(size for size, _ in streams.batches) == 6

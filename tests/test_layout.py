@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from service.artifact import load_artifact
-from service.layout import BATCH_SIZES, available_cores, candidate_shapes, choose, parse_shape, throughput
+from service.layout import (
+    TOKEN_BUDGETS,
+    available_cores,
+    calibration_sequences,
+    candidate_shapes,
+    choose,
+    pack,
+    parse_shape,
+    throughput,
+)
 from service.runner import ModelRunner, choose_layout
 from service.settings import Settings
 from tests.conftest import running_service
@@ -28,40 +37,54 @@ def test_candidate_shapes_use_every_core_once(cores, shapes) -> None:
     assert candidate_shapes(cores) == shapes
 
 
-def test_the_fastest_wins_unless_a_smaller_batch_or_wider_stream_is_as_fast() -> None:
-    measured = {(1, 2, 1): 300.0, (1, 2, 8): 400.0, (2, 1, 1): 390.0, (2, 1, 8): 395.0, (2, 1, 16): 500.0}
-    assert (choose(measured).streams, choose(measured).max_batch_size) == (2, 16)  # clearly fastest
-    measured[(2, 1, 16)] = 405.0  # now 1x2 b8, 2x1 b1, 2x1 b8 are all within 5% of it
+def test_the_fastest_wins_unless_a_larger_budget_or_wider_stream_is_as_fast() -> None:
+    measured = {(1, 2, 64): 300.0, (1, 2, 256): 400.0, (2, 1, 64): 390.0, (2, 1, 128): 500.0, (2, 1, 512): 395.0}
     layout = choose(measured)
-    assert (layout.streams, layout.threads, layout.max_batch_size) == (2, 1, 1)
-    assert "within 5% of the fastest (2x1 batch 16: 405)" in layout.reason
-    measured[(1, 2, 1)] = 395.0  # same batch: more threads per stream answers one request sooner
+    assert (layout.shape, layout.batch_tokens) == ("2x1", 128)  # clearly the fastest
+    assert layout.reason.startswith("2x1, batches up to 128 tokens: 500 texts/s")
+    measured[(2, 1, 128)] = 405.0  # now 1x2@256, 2x1@64 and 2x1@512 are within 5% of it
+    layout = choose(measured)
+    assert (layout.shape, layout.batch_tokens) == ("2x1", 512)
+    assert "within 5% of the fastest (2x1, 128 tokens: 405)" in layout.reason
+    measured[(1, 2, 512)] = 395.0  # same budget: more threads per stream answers one request sooner
     assert choose(measured).shape == "1x2"
+
+
+def test_pack_respects_the_token_budget_and_keeps_every_sequence() -> None:
+    sequences = calibration_sequences(30522)
+    assert all(6 <= len(seq) <= 64 for seq in sequences)
+    for budget in TOKEN_BUDGETS:
+        batches = pack(sequences, budget)
+        assert sorted(map(len, (s for b in batches for s in b))) == sorted(map(len, sequences))
+        assert all(len(b) == 1 or len(b) * max(map(len, b)) <= budget for b in batches)
 
 
 def test_throughput_runs_every_stream_and_counts_texts() -> None:
     calls: list[int] = []
-    rate = throughput(lambda chunk: calls.append(len(chunk)), streams=2, sequences=[[1] * n for n in range(1, 20)],
-                      batch=4, seconds=0.05)
+    batches = [[[1] * 5] * 4] * 3
+    rate = throughput(lambda batch: calls.append(len(batch)), streams=2, batches=batches, seconds=0.05)
     assert calls and set(calls) == {4} and rate > 0
 
 
 def test_choose_layout_measures_the_real_model(tiny_model) -> None:
-    layout, runner = choose_layout(load_artifact(tiny_model))
-    assert (layout.streams * layout.threads, layout.max_batch_size) in {(available_cores(), b) for b in BATCH_SIZES}
-    assert len(layout.measured) == len(candidate_shapes(available_cores())) * len(BATCH_SIZES)
+    cores = available_cores()
+    layout, runners = choose_layout(load_artifact(tiny_model))
+    assert layout.streams * layout.threads == cores and layout.batch_tokens in TOKEN_BUDGETS
+    assert len(layout.measured) == len(candidate_shapes(cores)) * len(TOKEN_BUDGETS)
     assert all(value > 0 for value in layout.measured.values())
-    assert isinstance(runner, ModelRunner) and runner.session.get_session_options().intra_op_num_threads == \
-        layout.threads
-    fixed, _ = choose_layout(load_artifact(tiny_model), "1x1", 4)
-    assert (fixed.streams, fixed.threads, fixed.max_batch_size, fixed.reason) == (1, 1, 4, "configured")
+    for threads, runner in runners.items():
+        assert isinstance(runner, ModelRunner)
+        assert runner.session.get_session_options().intra_op_num_threads == threads
+    assert {layout.threads, cores} <= set(runners)  # the layout's runner, and one with every core
+    fixed, _ = choose_layout(load_artifact(tiny_model), "1x1", 96)
+    assert (fixed.streams, fixed.threads, fixed.batch_tokens, fixed.reason) == (1, 1, 96, "configured")
 
 
 def test_the_service_reports_the_layout_it_measured(tiny_model, tmp_path) -> None:
-    with running_service(tiny_model, tmp_path, SENTIMENT_LAYOUT="auto", SENTIMENT_MAX_BATCH_SIZE="0") as svc, \
+    with running_service(tiny_model, tmp_path, SENTIMENT_LAYOUT="auto", SENTIMENT_MAX_BATCH_TOKENS="0") as svc, \
             svc.client() as client:
         serving = client.get("/v1/model").json()["serving"]
         assert client.post("/v1/sentiment", json={"texts": ["fine", "awful"]}).status_code == 200
     assert serving["streams"] * serving["threads"] == available_cores()
-    assert serving["max_batch_size"] in BATCH_SIZES and "measured here" in serving["reason"]
+    assert serving["batch_tokens"] in TOKEN_BUDGETS and "measured here" in serving["reason"]
     assert '"layout chosen"' in svc.log.read_text()
