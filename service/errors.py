@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
@@ -67,6 +69,12 @@ def handle_exception(request: Request, exc: Exception) -> Response[dict[str, Any
     """Every exception that reaches Litestar becomes the JSON error body of DESIGN.md."""
     if isinstance(exc, ServiceError):
         return error_response(exc.kind, exc.message, exc.details, exc.retry_after)
+    decode_error = _body_decode_error(exc)
+    if isinstance(decode_error, msgspec.ValidationError):
+        return _schema_violation(str(decode_error))
+    if decode_error is not None:
+        return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)",
+                              str(decode_error))
     if isinstance(exc, UnicodeDecodeError):  # raised only by Litestar's decoding of the request body
         return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid UTF-8", str(exc.reason))
     if isinstance(exc, ValidationException):
@@ -79,6 +87,31 @@ def handle_exception(request: Request, exc: Exception) -> Response[dict[str, Any
         return error_response(kind, exc.detail, exc.extra or None)
     log.exception("unhandled error", extra={"error_type": type(exc).__name__, "path": request.url.path})
     return error_response(ErrorKind.INTERNAL, "internal error")
+
+
+def _body_decode_error(exc: BaseException) -> msgspec.DecodeError | None:
+    """The msgspec error behind Litestar's wrapping of a request body that did not decode, if any.
+    Bodies are decoded straight into the request's Struct, so nesting depth never matters."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, msgspec.DecodeError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def _schema_violation(message: str) -> Response[dict[str, Any]]:
+    """msgspec's 'Expected `str`, got `int` - at `$.texts[0]`' as a 422 naming the field."""
+    match = _PATH.search(message)
+    field = match.group(1) or None if match else None
+    text = _PATH.sub("", message)
+    details = [{"field": field, "message": text}]
+    return error_response(ErrorKind.INVALID_REQUEST, f"{field}: {text}" if field else text, details)
 
 
 def _validation_response(exc: ValidationException) -> Response[dict[str, Any]]:

@@ -135,6 +135,40 @@ def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(service, body,
         assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
 
 
+HOSTILE_BODIES = {
+    "deep array": b"[" * 5000 + b"]" * 5000,
+    "deep object": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    "deep inside texts": b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "lone surrogate escape": b'{"text": "\\ud800 hi"}',
+    "invalid utf-8": b'{"text": "\xc3\x28"}',
+    "10,000 texts": b'{"texts": [' + b",".join([b'"a"'] * 10_000) + b"]}",
+    "1 MB text": b'{"text": "' + b"z" * 1_000_000 + b'"}',
+    "not an object": b'"just a string"',
+    "null": b"null",
+    "empty body": b"",
+}
+HARMLESS_TEXTS = ["nul\x00byte", "\u202eright-to-left override", "zero\u200bwidth\u200djoiner\ufeff", "😀👍🏽",
+                  "\t\n x"]
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_BODIES))
+def test_hostile_bodies_get_a_json_4xx_naming_the_problem(service, name) -> None:
+    with service.client() as client:
+        response = client.post("/v1/sentiment", content=HOSTILE_BODIES[name],
+                               headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:200])
+        error = response.json()["error"]
+        assert error["code"] and error["message"]
+        assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
+
+
+def test_unusual_but_valid_text_is_scored(service) -> None:
+    with service.client() as client:
+        response = client.post("/v1/sentiment", json={"texts": HARMLESS_TEXTS})
+    assert response.status_code == 200
+    assert [r["label"] in LABELS for r in response.json()["results"]] == [True] * len(HARMLESS_TEXTS)
+
+
 def test_unknown_route_and_wrong_method(service) -> None:
     with service.client() as client:
         missing = client.get("/v2/nothing")
