@@ -28,6 +28,8 @@ from service.prompts import (
 )
 
 OK, UNPARSEABLE, TIMEOUT, ERROR = "ok", "unparseable", "timeout", "error"
+# What a well-formed JSON answer of the wrong shape raises when read: caught, never a 500.
+OFF_FORMAT = (KeyError, IndexError, TypeError, AttributeError, ValueError, ArithmeticError)
 # Grammars for llama.cpp servers: the label (and the explanation's shape) cannot leave the set.
 _LABEL_ALTERNATIVES = " | ".join(f'"{label}"' for label in LABELS)
 GBNF = {
@@ -52,12 +54,14 @@ def label_probs(positions: list[list[tuple[str, float]]]) -> dict[str, float] | 
     for candidates in positions:
         mass: dict[str, float] = {}
         for token, logprob in candidates:
-            word = token.strip().lower()
+            word = str(token).strip().lower()
+            if not (isinstance(logprob, int | float) and -math.inf < logprob <= 0):
+                continue  # a log probability is finite and at most 0; anything else is off-format
             for label in LABELS:
                 if len(word) >= 3 and label.startswith(word):
                     mass[label] = mass.get(label, 0.0) + math.exp(logprob)
-        if mass:
-            total = sum(mass.values())
+        total = sum(mass.values())
+        if total > 0:
             return {label: round(mass.get(label, 0.0) / total, 6) for label in LABELS}
     return None
 
@@ -114,7 +118,10 @@ class TeacherClient:
         seconds = time.perf_counter() - started
         if failure:
             return TeacherAnswer(outcome=failure[0], detail=failure[1], seconds=seconds)
-        answer = " ".join((data["choices"][0]["message"].get("content") or "").split()).strip('"')
+        try:
+            answer = " ".join(str(data["choices"][0]["message"].get("content") or "").split()).strip('"')
+        except OFF_FORMAT:
+            return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="response without a message")
         if len(answer) < 3 or answer.lower() == text.lower().strip() or len(answer) > 4 * len(text) + 200:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="empty, unchanged or runaway")
         return TeacherAnswer(outcome=OK, label=label, rewrite=answer, seconds=seconds)
@@ -138,13 +145,16 @@ class TeacherClient:
             return TeacherAnswer(outcome=failure[0], detail=failure[1], seconds=seconds)
         try:
             choice = data["choices"][0]
-            answer = choice["text"] if self.api != "chat" else choice["message"]["content"]
-        except (KeyError, IndexError, TypeError):
+            answer = str((choice["text"] if self.api != "chat" else choice["message"]["content"]) or "")
+        except OFF_FORMAT:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="response without choices")
-        label = parse_label(answer or "")
+        label = parse_label(answer)
         if label is None:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="answer outside the label set")
-        probs = label_probs(_positions(choice))
+        try:
+            probs = label_probs(_positions(choice))
+        except OFF_FORMAT:  # the label stands; only its probabilities were off-format
+            probs = None
         rationale = parse_reason(answer) if task == "explain" else None
         return TeacherAnswer(outcome=OK, label=label, probs=probs, rationale=rationale, seconds=seconds)
 

@@ -1,0 +1,96 @@
+"""The rule: whatever the teacher does, the scoring route answers 200 from the student and the fault shows
+in metrics. The teacher here is a real HTTP server on loopback that misbehaves on purpose, one way per case."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from service.artifact import LABELS
+from tests.conftest import running_service
+
+FAULTS = {
+    "off-format logprobs": {"choices": [{"text": " positive", "logprobs": {"top_logprobs": [[1, 2]]}}]},
+    "non-finite logprobs": {"choices": [{"text": " negative", "logprobs": {"top_logprobs": [
+        {" negative": float("nan"), " positive": 1e308}]}}]},
+    "logprobs of the wrong type": {"choices": [{"text": " neutral", "logprobs": "lots"}]},
+    "no choices": {"choices": []},
+    "choices not a list": {"choices": "positive"},
+    "answer not a string": {"choices": [{"text": {"label": "positive"}}]},
+    "label outside the set": {"choices": [{"text": " ecstatic"}]},
+    "a JSON list": ["positive"],
+}
+RAW_FAULTS = ["not JSON", "HTTP 500", "HTTP 404", "hangs", "closes the connection"]
+
+
+class FaultyTeacher(BaseHTTPRequestHandler):
+    mode = "not JSON"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        mode = FaultyTeacher.mode
+        if mode == "hangs":
+            time.sleep(2)
+        if mode == "closes the connection":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        status = int(mode.split()[1]) if mode.startswith("HTTP") else 200
+        body = b"<html>teapot</html>" if mode in ("not JSON", "hangs") or status != 200 else \
+            json.dumps(FAULTS[mode]).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the service gave up on a hung answer, as it should
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def faulty_service(tiny_model, tmp_path_factory) -> Iterator:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FaultyTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_TEACHER_URL": f"http://127.0.0.1:{server.server_port}",
+           "SENTIMENT_TEACHER_TIMEOUT_S": "0.5", "SENTIMENT_EXPLAIN_TIMEOUT_S": "0.5",
+           "SENTIMENT_BREAKER_FAILURES": "1000", "SENTIMENT_FALLBACK_MAX_SHARE": "1.0"}
+    try:
+        with running_service(tiny_model, tmp_path_factory.mktemp("faulty"), **env) as svc:
+            yield svc
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("mode", [*FAULTS, *RAW_FAULTS])
+def test_a_misbehaving_teacher_never_fails_the_scoring_route(faulty_service, mode) -> None:
+    FaultyTeacher.mode = mode
+    with faulty_service.client() as client:
+        response = client.post("/v1/sentiment", json={"texts": ["where is my parcel", "great"], "fallback": "always"})
+        assert response.status_code == 200, response.text
+        for result in response.json()["results"]:
+            assert result["label"] in LABELS and result["fallback"]["reason"] == "forced"
+            if result["source"] == "teacher":  # the label parsed; the off-format part was dropped
+                assert mode in FAULTS and result["fallback"]["outcome"] == "ok"
+            else:
+                assert result["fallback"]["outcome"] in ("unparseable", "error", "timeout")
+        explain = client.post("/v1/sentiment/explain", json={"text": "where is my parcel"})
+        assert explain.status_code in (200, 502, 503), explain.text
+        assert explain.status_code == 200 or explain.json()["error"]["code"].startswith("teacher_")
+        assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
+
+
+def test_the_faults_show_in_metrics(faulty_service) -> None:
+    with faulty_service.client() as client:
+        metrics = client.get("/metrics").text
+    for outcome in ("unparseable", "error", "timeout"):
+        assert f'sentiment_teacher_errors_total{{outcome="{outcome}",task="label"}}' in metrics
+    assert "sentiment_request_duration_seconds_count" in metrics and 'status="500"' not in metrics
