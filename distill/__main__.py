@@ -23,6 +23,7 @@ from pathlib import Path
 from distill.data import CACHE_DIR, LOADERS, WHEELS, DataError, Example, backbone_dir, load_all, sample
 from distill.teacher_labels import LabelCache, label_texts, summarise, text_hash
 from service.artifact import LABELS
+from service.hard_cases import rotated
 from service.prompts import PROMPTS
 from service.teacher import OK, TeacherClient
 from service.teacher_process import EmbeddedTeacher
@@ -156,7 +157,8 @@ def teacher_targets(cache_path: Path, examples: list[Example]) -> tuple[dict[str
 def hard_cases(path: Path) -> tuple[list[Example], dict[str, list[float]]]:
     """Texts the service sent to the teacher (SENTIMENT_HARD_CASES_PATH), trained on the teacher's answer alone."""
     examples, soft = [], {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    files = [f for f in (rotated(path), path) if f.is_file()]  # the rotated half first: older answers
+    for line in (line for f in files for line in f.read_text(encoding="utf-8").splitlines()):
         try:
             record = json.loads(line)
             teacher = record["teacher"]

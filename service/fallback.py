@@ -9,13 +9,12 @@ teacher, the caller gets the student's answer, marked with the fallback's outcom
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 
+from service.hard_cases import HardCaseLog
 from service.metrics import Metrics
 from service.runner import Prediction
 from service.teacher import OK, UNPARSEABLE, TeacherAnswer, TeacherClient
@@ -111,14 +110,14 @@ class FallbackDecision:
 class Fallback:
     def __init__(self, client: TeacherClient | None, metrics: Metrics, *, threshold: float, max_concurrency: int,
                  max_share: float, teacher_timeout: float, breaker_failures: int, breaker_reset: float,
-                 hard_cases_path: str = "") -> None:
+                 hard_cases: HardCaseLog | None = None) -> None:
         self.client, self._metrics = client, metrics
         self.threshold, self.teacher_timeout = threshold, teacher_timeout
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics)
         self.share = ShareWindow(max_share)
         self._slots = max_concurrency
         self._in_flight = 0
-        self._hard_cases = Path(hard_cases_path) if hard_cases_path else None
+        self._hard_cases = hard_cases
         metrics.breaker_state.set(0)
 
     def reason_for(self, prediction: Prediction, policy: str) -> str | None:
@@ -192,13 +191,11 @@ class Fallback:
         return answer
 
     def _record_hard_case(self, text: str, student: Prediction, answer: TeacherAnswer, reason: str) -> None:
-        """Opt-in (it stores customer text): distill/ reads this file as extra training data."""
+        """Opt-in (it stores customer text): distill/ reads this log as extra training data."""
         if self._hard_cases is None:
             return
-        record = {"time": time.time(), "text": text, "reason": reason,
-                  "student": {"label": student.label, "scores": student.scores},
-                  "teacher": {"model": self.client.model if self.client else None, "label": answer.label,
-                              "probs": answer.probs}}
-        self._hard_cases.parent.mkdir(parents=True, exist_ok=True)
-        with self._hard_cases.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._hard_cases.record({
+            "time": time.time(), "text": text, "reason": reason,
+            "student": {"label": student.label, "scores": student.scores},
+            "teacher": {"model": self.client.model if self.client else None, "label": answer.label,
+                        "probs": answer.probs}})

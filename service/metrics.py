@@ -54,5 +54,7 @@ class Metrics:
                                         registry=r)
         self.budget_rejections = Counter(f"{p}teacher_budget_rejections_total",
                                          "fallbacks refused by the teacher budget", ["limit"], registry=r)
+        self.hard_cases = Counter(f"{p}hard_cases_total", "hard-case log entries by outcome (written, disk, backlog)",
+                                  ["outcome"], registry=r)
         self.ready = Gauge(f"{p}ready", "1 when the model is loaded and warmed", registry=r)
         self.model_info = Info(f"{p}model", "the served model", registry=r)

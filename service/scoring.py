@@ -18,6 +18,7 @@ from service.artifact import Artifact
 from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
 from service.fallback import Fallback, FallbackDecision, teacher_prediction
+from service.hard_cases import HardCaseLog
 from service.metrics import Metrics
 from service.settings import Settings
 from service.teacher import OK, TeacherAnswer, TeacherClient
@@ -41,6 +42,7 @@ class Scorer:
         self.ready = False
         self.draining = False
         self.embedded_teacher: EmbeddedTeacher | None = None  # when this process runs its own teacher
+        self.hard_cases: HardCaseLog | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -74,6 +76,8 @@ class Scorer:
                 await scorer.teacher.aclose()
             if scorer.embedded_teacher:
                 await asyncio.to_thread(scorer.embedded_teacher.stop)
+            if scorer.hard_cases:
+                await scorer.hard_cases.aclose()
 
     def _publish_model_info(self) -> None:
         m = self.artifact.manifest
@@ -127,10 +131,12 @@ class Scorer:
     def _fallback(self, client: TeacherClient | None) -> Fallback:
         """Always present: without a teacher every fallback it is asked for has the outcome `disabled`."""
         s = self.settings
+        if s.hard_cases_path:
+            self.hard_cases = HardCaseLog(Path(s.hard_cases_path), int(s.hard_cases_max_mb * 1e6), self.metrics)
         return Fallback(client, self.metrics, threshold=s.fallback_threshold,
                         max_concurrency=s.fallback_max_concurrency, max_share=s.fallback_max_share,
                         teacher_timeout=s.teacher_timeout_s, breaker_failures=s.breaker_failures,
-                        breaker_reset=s.breaker_reset_s, hard_cases_path=s.hard_cases_path)
+                        breaker_reset=s.breaker_reset_s, hard_cases=self.hard_cases)
 
     def _require_ready(self) -> tuple[Engine, Fallback]:
         if not self.ready or self.draining or not self.engine or not self.fallback:

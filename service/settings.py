@@ -53,6 +53,7 @@ class Settings:
     breaker_failures: int = _doc(3, "consecutive teacher failures that open the circuit breaker")
     breaker_reset_s: float = _doc(10.0, "seconds the breaker stays open before one half-open probe")
     hard_cases_path: str = _doc("", "JSONL file to append fallback texts and teacher answers to (stores customer text)")
+    hard_cases_max_mb: float = _doc(64.0, "size at which the hard-case file is rotated to <path>.1 (two files kept)")
     log_level: str = _doc("INFO", "log level")
 
     @classmethod

@@ -1,5 +1,6 @@
 """The rule: whatever the teacher does, the scoring route answers 200 from the student and the fault shows
-in metrics. The teacher here is a real HTTP server on loopback that misbehaves on purpose, one way per case."""
+in metrics. The teacher here is a real HTTP server on loopback that misbehaves on purpose, one way per case,
+and the hard-case log's disk fails throughout."""
 
 from __future__ import annotations
 
@@ -59,10 +60,13 @@ class FaultyTeacher(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def faulty_service(tiny_model, tmp_path_factory) -> Iterator:
     server = ThreadingHTTPServer(("127.0.0.1", 0), FaultyTeacher)
+    blocker = tmp_path_factory.mktemp("disk") / "a-file"
+    blocker.write_text("the hard-case log's directory is a file: every write fails")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_TEACHER_URL": f"http://127.0.0.1:{server.server_port}",
            "SENTIMENT_TEACHER_TIMEOUT_S": "0.5", "SENTIMENT_EXPLAIN_TIMEOUT_S": "0.5",
-           "SENTIMENT_BREAKER_FAILURES": "1000", "SENTIMENT_FALLBACK_MAX_SHARE": "1.0"}
+           "SENTIMENT_BREAKER_FAILURES": "1000", "SENTIMENT_FALLBACK_MAX_SHARE": "1.0",
+           "SENTIMENT_HARD_CASES_PATH": str(blocker / "hard.jsonl")}
     try:
         with running_service(tiny_model, tmp_path_factory.mktemp("faulty"), **env) as svc:
             yield svc
@@ -93,4 +97,5 @@ def test_the_faults_show_in_metrics(faulty_service) -> None:
         metrics = client.get("/metrics").text
     for outcome in ("unparseable", "error", "timeout"):
         assert f'sentiment_teacher_errors_total{{outcome="{outcome}",task="label"}}' in metrics
+    assert 'sentiment_hard_cases_total{outcome="disk"}' in metrics  # answered fallbacks, a failing disk
     assert "sentiment_request_duration_seconds_count" in metrics and 'status="500"' not in metrics
