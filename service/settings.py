@@ -73,6 +73,21 @@ class Settings:
         if self.server not in ("granian", "uvicorn"):
             raise ValueError(f"SENTIMENT_SERVER must be granian or uvicorn, not {self.server!r}")
         parse_shape(self.layout)
+        problems = [
+            (self.queue_size < self.max_texts,
+             f"SENTIMENT_QUEUE_SIZE ({self.queue_size}) is below SENTIMENT_MAX_TEXTS ({self.max_texts}): "
+             "a full request could never be queued"),
+            (not 0 <= self.fallback_threshold <= 1, "SENTIMENT_FALLBACK_THRESHOLD must be within 0..1"),
+            (not 0 <= self.fallback_max_share <= 1, "SENTIMENT_FALLBACK_MAX_SHARE must be within 0..1"),
+            (min(self.request_timeout_s, self.teacher_timeout_s, self.explain_timeout_s) <= 0,
+             "request, teacher and explain timeouts must be positive"),
+            (not 0 <= self.port <= 65535, f"SENTIMENT_PORT {self.port} is not a port number"),
+            (self.max_wait_ms < 0 or self.hard_cases_max_mb <= 0,
+             "SENTIMENT_MAX_WAIT_MS must be at least 0 and SENTIMENT_HARD_CASES_MAX_MB positive"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
         if self.max_batch_tokens < 0 or min(self.max_batch_size, self.queue_size, self.max_texts,
                                             self.max_text_chars) < 1:
             raise ValueError("batch size, queue size, max texts and max text chars must be at least 1, "
@@ -85,10 +100,16 @@ class Settings:
                 for f in fields(cls)]
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse(name: str, raw: str, default: Any) -> Any:
     try:
         if isinstance(default, bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word not in _BOOLEANS:
+                raise ValueError
+            return _BOOLEANS[word]
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):
