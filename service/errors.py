@@ -30,6 +30,7 @@ class ErrorKind(enum.Enum):
     NOT_READY = ("not_ready", 503)
     DEADLINE = ("deadline_exceeded", 504)
     TEACHER_UNAVAILABLE = ("teacher_unavailable", 503)
+    TEACHER_BUSY = ("teacher_busy", 503)
     TEACHER_FAILED = ("teacher_failed", 502)
     INTERNAL = ("internal_error", 500)
 

@@ -20,6 +20,7 @@ from service.runner import Prediction
 from service.teacher import OK, UNPARSEABLE, TeacherAnswer, TeacherClient
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+BUSY = "busy"  # an explanation refused at admission: as many are in flight as the teacher may take
 BREAKER_GAUGE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
@@ -110,13 +111,13 @@ class FallbackDecision:
 class Fallback:
     def __init__(self, client: TeacherClient | None, metrics: Metrics, *, threshold: float, max_concurrency: int,
                  max_share: float, teacher_timeout: float, breaker_failures: int, breaker_reset: float,
-                 hard_cases: HardCaseLog | None = None) -> None:
+                 explain_max_concurrency: int = 2, hard_cases: HardCaseLog | None = None) -> None:
         self.client, self._metrics = client, metrics
         self.threshold, self.teacher_timeout = threshold, teacher_timeout
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset, metrics)
         self.share = ShareWindow(max_share)
-        self._slots = max_concurrency
-        self._in_flight = 0
+        self._slots, self._explain_slots = max_concurrency, explain_max_concurrency
+        self._in_flight = self._explaining = 0
         self._hard_cases = hard_cases
         metrics.breaker_state.set(0)
 
@@ -169,12 +170,20 @@ class Fallback:
         return answer.outcome, answer
 
     async def explain(self, text: str, timeout: float) -> TeacherAnswer:
-        """An explanation call behind the same breaker (no share budget: it is asked for explicitly)."""
+        """An explanation call behind the same breaker and its own admission bound (no share budget: it is
+        asked for explicitly). Refused at once when full, never queued: a queued call would time out."""
         if self.client is None:
             return TeacherAnswer(outcome="disabled")
+        if self._explaining >= self._explain_slots:
+            self._metrics.budget_rejections.labels("explain_concurrency").inc()
+            return TeacherAnswer(outcome=BUSY)
         if not self.breaker.allow():
             return TeacherAnswer(outcome="breaker_open")
-        return await self._call("explain", self.client.explain(text, timeout=timeout))
+        self._explaining += 1
+        try:
+            return await self._call("explain", self.client.explain(text, timeout=timeout))
+        finally:
+            self._explaining -= 1
 
     async def _call(self, task: str, call: Awaitable[TeacherAnswer]) -> TeacherAnswer:
         """One teacher call the breaker allowed: its answer is accounted for, or its probe slot freed."""

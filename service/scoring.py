@@ -17,7 +17,7 @@ from pathlib import Path
 from service.artifact import Artifact
 from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
-from service.fallback import Fallback, FallbackDecision, teacher_prediction
+from service.fallback import BUSY, Fallback, FallbackDecision, teacher_prediction
 from service.hard_cases import HardCaseLog
 from service.metrics import Metrics
 from service.settings import Settings
@@ -112,7 +112,7 @@ class Scorer:
             constraint = "gbnf" if self.embedded_teacher else "none"
         return TeacherClient(url, model or "default", s.teacher_api_key or None, api=s.teacher_api,
                              constraint=constraint, timeout=max(s.teacher_timeout_s, s.explain_timeout_s),
-                             max_concurrency=max(1, s.fallback_max_concurrency))
+                             max_connections=s.fallback_max_concurrency + s.explain_max_concurrency)
 
     def _teacher_changed(self, teacher: EmbeddedTeacher) -> None:
         """The supervisor's news: the breaker is held open while the embedded teacher is not ready."""
@@ -135,6 +135,7 @@ class Scorer:
             self.hard_cases = HardCaseLog(Path(s.hard_cases_path), int(s.hard_cases_max_mb * 1e6), self.metrics)
         return Fallback(client, self.metrics, threshold=s.fallback_threshold,
                         max_concurrency=s.fallback_max_concurrency, max_share=s.fallback_max_share,
+                        explain_max_concurrency=s.explain_max_concurrency,
                         teacher_timeout=s.teacher_timeout_s, breaker_failures=s.breaker_failures,
                         breaker_reset=s.breaker_reset_s, hard_cases=self.hard_cases)
 
@@ -183,7 +184,8 @@ class Scorer:
             m.truncations.inc()
 
     async def explain(self, text: str) -> tuple[TeacherAnswer, Scored]:
-        """The teacher's label and rationale, beside the student's own verdict."""
+        """The teacher's label and rationale, beside the student's own verdict. The student answers first
+        (milliseconds): if it cannot, no teacher call is spent."""
         _, fallback = self._require_ready()
         if fallback.client is None:
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "no teacher is configured or running", retry_after=5)
@@ -191,13 +193,18 @@ class Scorer:
             status = self.teacher_status()
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, f"the embedded teacher is {status['state']}",
                                status, retry_after=5)
-        answer, scored = await asyncio.gather(fallback.explain(text, self.settings.explain_timeout_s),
-                                              self.score([text], "never"))
+        scored = await self.score([text], "never")
+        answer = await fallback.explain(text, self.settings.explain_timeout_s)
         if answer.outcome == "breaker_open":
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "teacher circuit breaker is open",
                                retry_after=self.settings.breaker_reset_s)
+        if answer.outcome == BUSY:
+            raise ServiceError(ErrorKind.TEACHER_BUSY, "the teacher is busy with other explanations, retry shortly",
+                               {"explanations_in_flight": self.settings.explain_max_concurrency}, retry_after=1)
         if answer.outcome != OK:
-            kind = ErrorKind.TEACHER_UNAVAILABLE if answer.outcome in ("timeout", "error") else ErrorKind.TEACHER_FAILED
-            raise ServiceError(kind, f"teacher answer: {answer.outcome}", {"outcome": answer.outcome,
-                                                                            "detail": answer.detail})
+            unavailable = answer.outcome in ("timeout", "error")  # 503, retry later; else 502, a bad answer
+            raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE if unavailable else ErrorKind.TEACHER_FAILED,
+                               f"teacher answer: {answer.outcome}",
+                               {"outcome": answer.outcome, "detail": answer.detail},
+                               retry_after=2 if unavailable else None)
         return answer, scored[0]

@@ -49,6 +49,7 @@ class Settings:
     fallback: str = _doc("never", "default fallback policy: auto, never or always")
     fallback_threshold: float = _doc(0.6, "auto: below this student confidence the teacher decides")
     fallback_max_concurrency: int = _doc(2, "teacher calls in flight at once")
+    explain_max_concurrency: int = _doc(2, "explanations in flight at once; more get 503 + Retry-After at once")
     fallback_max_share: float = _doc(0.2, "most share of recent texts that may go to the teacher")
     breaker_failures: int = _doc(3, "consecutive teacher failures that open the circuit breaker")
     breaker_reset_s: float = _doc(10.0, "seconds the breaker stays open before one half-open probe")

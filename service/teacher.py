@@ -76,18 +76,18 @@ def _positions(choice: dict[str, Any]) -> list[list[tuple[str, float]]]:
 
 
 class TeacherClient:
-    """Async OpenAI-compatible client with bounded concurrency, timeouts and one retry."""
+    """Async OpenAI-compatible client with timeouts and one retry. Callers bound their own concurrency
+    (the service's fallback admission, distill's labelling semaphore): one limit, held where it is known."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, api: str = "completions",
                  constraint: str = "none", timeout: float = 10.0, retries: int = 1,
-                 max_concurrency: int = 4) -> None:
+                 max_connections: int = 8) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api, self.constraint, self.timeout, self.retries = api, constraint, timeout, retries
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
-                                       limits=httpx.Limits(max_connections=max_concurrency * 2))
-        self._slots = asyncio.Semaphore(max_concurrency)
+                                       limits=httpx.Limits(max_connections=max_connections))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -164,26 +164,25 @@ class TeacherClient:
         body = {"model": self.model, **body}
         deadline = time.perf_counter() + (timeout or self.timeout)
         failure = (ERROR, "not attempted")
-        async with self._slots:
-            for attempt in range(self.retries + 1):
-                left = deadline - time.perf_counter()
-                if left <= 0.005:
-                    return {}, (TIMEOUT, "deadline passed")
-                try:
-                    response = await self._http.post(path, json=body, timeout=left)
-                except httpx.TimeoutException:
-                    return {}, (TIMEOUT, f"no answer within {timeout or self.timeout:.3f}s")
-                except httpx.HTTPError as exc:
-                    failure = (ERROR, f"{type(exc).__name__}")
-                else:
-                    if response.status_code < 400:
-                        try:
-                            return response.json(), None
-                        except ValueError:
-                            return {}, (UNPARSEABLE, "response is not JSON")
-                    failure = (ERROR, f"HTTP {response.status_code}")
-                    if response.status_code < 500:
-                        return {}, failure
-                if attempt < self.retries:
-                    await asyncio.sleep(min(0.05 * (attempt + 1), max(0.0, deadline - time.perf_counter())))
+        for attempt in range(self.retries + 1):
+            left = deadline - time.perf_counter()
+            if left <= 0.005:
+                return {}, (TIMEOUT, "deadline passed")
+            try:
+                response = await self._http.post(path, json=body, timeout=left)
+            except httpx.TimeoutException:
+                return {}, (TIMEOUT, f"no answer within {timeout or self.timeout:.3f}s")
+            except httpx.HTTPError as exc:
+                failure = (ERROR, f"{type(exc).__name__}")
+            else:
+                if response.status_code < 400:
+                    try:
+                        return response.json(), None
+                    except ValueError:
+                        return {}, (UNPARSEABLE, "response is not JSON")
+                failure = (ERROR, f"HTTP {response.status_code}")
+                if response.status_code < 500:
+                    return {}, failure
+            if attempt < self.retries:
+                await asyncio.sleep(min(0.05 * (attempt + 1), max(0.0, deadline - time.perf_counter())))
         return {}, failure

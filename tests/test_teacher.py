@@ -254,7 +254,7 @@ def test_a_tiny_teacher_deadline_yields_timeout_and_the_student_answer(tiny_mode
 
 
 def test_the_share_budget_caps_fallbacks(tiny_model, teacher, tmp_path) -> None:
-    env = teacher_env(teacher, SENTIMENT_FALLBACK="auto", SENTIMENT_FALLBACK_THRESHOLD="1.01",
+    env = teacher_env(teacher, SENTIMENT_FALLBACK="auto", SENTIMENT_FALLBACK_THRESHOLD="1",
                       SENTIMENT_FALLBACK_MAX_SHARE="0.25")
     with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
         results = client.post("/v1/sentiment", json={"texts": TEXTS + TEXTS[:2]}).json()["results"]

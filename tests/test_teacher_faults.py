@@ -4,12 +4,14 @@ and the hard-case log's disk fails throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from service.artifact import LABELS
@@ -66,7 +68,7 @@ def faulty_service(tiny_model, tmp_path_factory) -> Iterator:
     env = {"SENTIMENT_TEACHER_ENABLED": "true", "SENTIMENT_TEACHER_URL": f"http://127.0.0.1:{server.server_port}",
            "SENTIMENT_TEACHER_TIMEOUT_S": "0.5", "SENTIMENT_EXPLAIN_TIMEOUT_S": "0.5",
            "SENTIMENT_BREAKER_FAILURES": "1000", "SENTIMENT_FALLBACK_MAX_SHARE": "1.0",
-           "SENTIMENT_HARD_CASES_PATH": str(blocker / "hard.jsonl")}
+           "SENTIMENT_HARD_CASES_PATH": str(blocker / "hard.jsonl"), "SENTIMENT_EXPLAIN_MAX_CONCURRENCY": "1"}
     try:
         with running_service(tiny_model, tmp_path_factory.mktemp("faulty"), **env) as svc:
             yield svc
@@ -90,6 +92,22 @@ def test_a_misbehaving_teacher_never_fails_the_scoring_route(faulty_service, mod
         assert explain.status_code in (200, 502, 503), explain.text
         assert explain.status_code == 200 or explain.json()["error"]["code"].startswith("teacher_")
         assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
+
+
+def test_explanations_beyond_the_bound_are_refused_at_once_not_queued(faulty_service) -> None:
+    FaultyTeacher.mode = "hangs"
+
+    async def three_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=faulty_service.url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/sentiment/explain", json={"text": f"late order {i}"})
+                                          for i in range(3)))
+
+    started = time.perf_counter()
+    responses = asyncio.run(three_at_once())
+    codes = sorted(r.json()["error"]["code"] for r in responses)
+    assert codes == ["teacher_busy", "teacher_busy", "teacher_unavailable"]  # one call in flight, it times out
+    assert all(r.status_code == 503 and r.headers["retry-after"] for r in responses)
+    assert time.perf_counter() - started < 2.0  # nobody waited behind the hung call
 
 
 def test_the_faults_show_in_metrics(faulty_service) -> None:
