@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from types import FrameType
+from typing import Any
 
 from service.artifact import ArtifactError, load_artifact
+from service.drain import DRAIN_SIGNAL, Drain
 from service.lifetime import MASTER_PID_VARIABLE
 from service.logs import configure_logging
 from service.settings import Settings
@@ -31,20 +35,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     if settings.server == "uvicorn":
-        import uvicorn
-
-        uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+        serve_uvicorn(settings)
     else:
-        from granian.constants import Interfaces, Loops
-        from granian.log import LogLevels
-        from granian.server import Server
-
-        os.environ[MASTER_PID_VARIABLE] = str(os.getpid())  # the worker exits if this process dies
-        Server("service.app:app_from_env", factory=True, address=settings.host, port=settings.port,
-               interface=Interfaces.ASGI, workers=1, loop=Loops.auto, log_enabled=True,
-               log_level=LogLevels.warning, log_access=False).serve()
+        serve_granian(settings)
     return 0
+
+
+def serve_uvicorn(settings: Settings) -> None:
+    """uvicorn in this process: the drain signal goes to this process's own event loop."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            drain.on_signal(sig)
+
+    config = uvicorn.Config("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                            log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    server = DrainingServer(config)
+    drain = Drain(settings.drain_delay_s, notify=lambda: os.kill(os.getpid(), DRAIN_SIGNAL),
+                  stop=lambda sig: uvicorn.Server.handle_exit(server, sig, None))
+    server.run()
+
+
+def serve_granian(settings: Settings) -> None:
+    """granian's master here, one worker process: the drain signal goes to the worker."""
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    class DrainingServer(Server):
+        def signal_handler_interrupt(self, signum: int = signal.SIGINT, *args: Any, **kwargs: Any) -> None:
+            drain.on_signal(signum)
+
+    os.environ[MASTER_PID_VARIABLE] = str(os.getpid())  # the worker exits if this process dies
+    server = DrainingServer("service.app:app_from_env", factory=True, address=settings.host, port=settings.port,
+                            interface=Interfaces.ASGI, workers=1, loop=Loops.auto, log_enabled=True,
+                            log_level=LogLevels.warning, log_access=False)
+    drain = Drain(settings.drain_delay_s, notify=lambda: [os.kill(w._id(), DRAIN_SIGNAL) for w in server.wrks],
+                  stop=lambda _: Server.signal_handler_interrupt(server))
+    server.serve()
 
 
 if __name__ == "__main__":

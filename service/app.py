@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.di import Provide
@@ -22,8 +22,9 @@ from service.scoring import Scorer
 from service.settings import Settings
 
 
-def timing_middleware(metrics: Metrics):  # -> Callable[[ASGIApp], ASGIApp]
-    """Request duration by route template (bounded), method and status, for every HTTP request."""
+def timing_middleware(metrics: Metrics, draining: Callable[[], bool]):  # -> Callable[[ASGIApp], ASGIApp]
+    """Request duration by route template (bounded), method and status, for every HTTP request; while
+    draining, `Connection: close` on every response, so no client reuses a connection that is about to go."""
 
     def wrap(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
@@ -36,6 +37,8 @@ def timing_middleware(metrics: Metrics):  # -> Callable[[ASGIApp], ASGIApp]
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                    if draining():
+                        message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 await send(message)
 
             try:
@@ -70,7 +73,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={"scorer": Provide(provide_scorer, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
-        middleware=[timing_middleware(metrics)],
+        middleware=[timing_middleware(metrics, lambda: app.state.get("scorer") is not None
+                                      and app.state.scorer.draining)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Sentiment inference service", version="1.0.0",
                                      description="Distilled int8 student with a teacher-LLM fallback."),

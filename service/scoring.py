@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.artifact import Artifact
+from service.drain import install_drain_handler
 from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
 from service.fallback import BUSY, Fallback, FallbackDecision, teacher_prediction
@@ -59,6 +60,7 @@ class Scorer:
                 scorer._teacher_changed(scorer.embedded_teacher)
                 tasks.append(asyncio.create_task(scorer.embedded_teacher.supervise(), name="teacher-supervisor"))
             scorer._publish_model_info()
+            install_drain_handler(scorer.start_draining)
             engine_task = asyncio.create_task(scorer._serve_student(stop), name="student")
             yield scorer
         finally:
@@ -78,6 +80,13 @@ class Scorer:
                 await asyncio.to_thread(scorer.embedded_teacher.stop)
             if scorer.hard_cases:
                 await scorer.hard_cases.aclose()
+
+    def start_draining(self) -> None:
+        """Readiness turns 503 so load balancers stop sending; requests are still served until shutdown."""
+        if not self.draining:
+            self.draining = True
+            self.metrics.ready.set(0)
+            log.info("draining: readiness is 503 from now on")
 
     def _publish_model_info(self) -> None:
         m = self.artifact.manifest
@@ -140,7 +149,7 @@ class Scorer:
                         breaker_reset=s.breaker_reset_s, hard_cases=self.hard_cases)
 
     def _require_ready(self) -> tuple[Engine, Fallback]:
-        if not self.ready or self.draining or not self.engine or not self.fallback:
+        if not self.ready or not self.engine or not self.fallback:  # draining still serves: see drain.py
             raise ServiceError(ErrorKind.NOT_READY, "model is not ready yet", retry_after=1)
         return self.engine, self.fallback
 

@@ -32,6 +32,8 @@ class Settings:
     max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
     max_wait_ms: float = _doc(2.0, "longest a batch waits for company; 0 when nothing else is queued or running")
     queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
+    drain_delay_s: float = _doc(3.0, "on SIGTERM: seconds of serving with /health/ready at 503 before new "
+                                 "connections are refused (SIGINT: none)")
     request_timeout_s: float = _doc(5.0, "request deadline; past it the answer is 504")
     max_texts: int = _doc(64, "most texts in one request")
     max_text_chars: int = _doc(10_000, "longest text in characters")
