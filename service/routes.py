@@ -10,9 +10,11 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.dto import DTOConfig, MsgspecDTO
 from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
 
 from service.errors import ErrorKind, ServiceError
 from service.schemas import (
+    ErrorBody,
     ExplainRequest,
     ExplainResponse,
     FallbackInfo,
@@ -36,6 +38,20 @@ class SentimentRequestDTO(MsgspecDTO[SentimentRequest]):
 
 class ExplainRequestDTO(MsgspecDTO[ExplainRequest]):
     config = DTOConfig(forbid_unknown_fields=True)
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """The documented error answers of a route, all with the one error body."""
+    return {status: ResponseSpec(ErrorBody, description=ERROR_DESCRIPTIONS[status]) for status in statuses}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "body is not JSON or not UTF-8", 401: "missing or invalid API key", 413: "body too large",
+    422: "the body breaks the schema or a limit; the message names the field",
+    502: "the teacher answered off-format", 503: "overloaded, not ready, or the teacher unavailable or busy",
+    504: "past the request deadline",
+}
+SCORING_ERRORS = (400, 401, 413, 422, 503, 504)
 
 
 def check_texts(data: SentimentRequest, settings: Settings) -> list[str]:
@@ -77,7 +93,7 @@ class SentimentController(Controller):
     guards = [api_key_guard]
 
     @post("/sentiment", status_code=200, summary="Score one text or a list of texts",
-          dto=SentimentRequestDTO, return_dto=None)
+          dto=SentimentRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS))
     async def score(self, data: SentimentRequest, scorer: Scorer) -> SentimentResponse:
         texts = check_texts(data, scorer.settings)
         scored = await scorer.score(texts, data.fallback or scorer.settings.fallback)
@@ -90,7 +106,7 @@ class SentimentController(Controller):
         return SentimentResponse(model=ModelRef(manifest.name, manifest.version), results=results)
 
     @post("/sentiment/explain", status_code=200, summary="The teacher's label and rationale for one text",
-          dto=ExplainRequestDTO, return_dto=None)
+          dto=ExplainRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS, 502))
     async def explain(self, data: ExplainRequest, scorer: Scorer) -> ExplainResponse:
         text = check_texts(SentimentRequest(text=data.text), scorer.settings)[0]
         answer, student = await scorer.explain(text)
@@ -114,7 +130,8 @@ class HealthController(Controller):
     async def live(self) -> Health:
         return Health(status="ok")
 
-    @get("/ready", summary="503 until the model is loaded and warmed, and while draining")
+    @get("/ready", summary="503 until the model is loaded and warmed, and while draining",
+         responses={503: ResponseSpec(Health, description="not ready: details say why")})
     async def ready(self, scorer: Scorer) -> Response[Health]:
         teacher = scorer.teacher_status()
         details = {"model_loaded": scorer.engine is not None, "warmed": scorer.ready, "draining": scorer.draining,

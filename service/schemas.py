@@ -65,3 +65,15 @@ class ExplainResponse(msgspec.Struct):
 class Health(msgspec.Struct):
     status: str
     details: dict[str, Any] | None = None
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error the service answers: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorDetail
