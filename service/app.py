@@ -17,7 +17,7 @@ from service.artifact import load_artifact
 from service.errors import handle_exception
 from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
 from service.metrics import Metrics
-from service.routes import HealthController, SentimentController, provide_scorer
+from service.routes import AdminController, HealthController, SentimentController, provide_scorer
 from service.scoring import Scorer
 from service.settings import Settings
 
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=[SentimentController, HealthController, prometheus_metrics],
+        route_handlers=[SentimentController, HealthController, AdminController, prometheus_metrics],
         dependencies={"scorer": Provide(provide_scorer, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},

@@ -31,6 +31,21 @@ INLINE_ENCODE_CHARS = 4_000
 class Engine:
     def __init__(self, runner: ModelRunner, layout: Layout, batcher: Batcher, metrics: Metrics) -> None:
         self.runner, self.layout, self.batcher, self._metrics = runner, layout, batcher, metrics
+        self._users = 0  # requests between their encode and their last result
+
+    @contextlib.asynccontextmanager
+    async def in_use(self) -> AsyncIterator[Engine]:
+        """Held by a request for its whole encode → infer: a retiring engine waits for it (hot reload)."""
+        self._users += 1
+        try:
+            yield self
+        finally:
+            self._users -= 1
+
+    async def _idle(self, timeout: float) -> None:
+        until = asyncio.get_running_loop().time() + timeout
+        while self._users and asyncio.get_running_loop().time() < until:
+            await asyncio.sleep(0.01)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -48,9 +63,11 @@ class Engine:
                           queue_size=s.queue_size, workers=layout.streams,
                           infer_alone=_finished(solo) if solo is not runner else None)
         batcher.start()
+        engine = cls(runner, layout, batcher, metrics)
         try:
-            yield cls(runner, layout, batcher, metrics)
+            yield engine
         finally:
+            await engine._idle(s.request_timeout_s)
             await batcher.close()
 
     @property

@@ -21,6 +21,7 @@ log = logging.getLogger("sentiment.errors")
 class ErrorKind(enum.Enum):
     MALFORMED_JSON = ("malformed_json", 400)
     INVALID_REQUEST = ("invalid_request", 422)
+    INVALID_MODEL = ("invalid_model", 422)
     UNAUTHORIZED = ("unauthorized", 401)
     NOT_FOUND = ("not_found", 404)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import time
+from pathlib import Path
 from typing import Any
 
 from litestar import Controller, Response, get, post
@@ -20,6 +22,9 @@ from service.schemas import (
     FallbackInfo,
     Health,
     ModelRef,
+    ModelVersion,
+    ReloadRequest,
+    ReloadResponse,
     SentimentRequest,
     SentimentResponse,
     SentimentResult,
@@ -37,6 +42,10 @@ class SentimentRequestDTO(MsgspecDTO[SentimentRequest]):
 
 
 class ExplainRequestDTO(MsgspecDTO[ExplainRequest]):
+    config = DTOConfig(forbid_unknown_fields=True)
+
+
+class ReloadRequestDTO(MsgspecDTO[ReloadRequest]):
     config = DTOConfig(forbid_unknown_fields=True)
 
 
@@ -120,6 +129,30 @@ class SentimentController(Controller):
     async def model(self, scorer: Scorer) -> dict[str, Any]:
         layout = scorer.engine.layout.to_json() if scorer.engine else None
         return {**scorer.artifact.manifest.to_json(), "serving": layout}
+
+
+def admin_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """/admin needs `Authorization: Bearer SENTIMENT_ADMIN_KEY`; without a key configured it does not exist."""
+    key: str = connection.app.state.settings.admin_key
+    if not key:
+        raise ServiceError(ErrorKind.NOT_FOUND, "no admin routes: SENTIMENT_ADMIN_KEY is not set")
+    auth = connection.headers.get("authorization", "")
+    if not (auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].encode(), key.encode())):
+        raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or invalid admin key")
+
+
+class AdminController(Controller):
+    path = "/admin"
+    guards = [admin_key_guard]
+    include_in_schema = False  # not advertised in the public API document
+
+    @post("/reload", status_code=200, dto=ReloadRequestDTO, return_dto=None)
+    async def reload(self, data: ReloadRequest, scorer: Scorer) -> ReloadResponse:
+        started = time.perf_counter()
+        old, new = await scorer.reload(Path(data.model_dir) if data.model_dir else scorer.settings.model_dir)
+        return ReloadResponse(model=ModelVersion(new.name, new.version, new.sha256),
+                              previous=ModelVersion(old.name, old.version, old.sha256),
+                              seconds=round(time.perf_counter() - started, 3))
 
 
 class HealthController(Controller):

@@ -77,3 +77,21 @@ class ErrorBody(msgspec.Struct):
     """Every error the service answers: `{"error": {"code", "message", "details"}}`."""
 
     error: ErrorDetail
+
+
+class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A model directory to swap in; none: the configured one, read again."""
+
+    model_dir: str | None = None
+
+
+class ModelVersion(msgspec.Struct):
+    name: str
+    version: str
+    sha256: str
+
+
+class ReloadResponse(msgspec.Struct):
+    model: ModelVersion
+    previous: ModelVersion
+    seconds: float

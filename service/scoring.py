@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.artifact import Artifact
+from service.artifact import Artifact, ArtifactError, Manifest, load_artifact
 from service.drain import install_drain_handler
 from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
@@ -44,6 +45,8 @@ class Scorer:
         self.draining = False
         self.embedded_teacher: EmbeddedTeacher | None = None  # when this process runs its own teacher
         self.hard_cases: HardCaseLog | None = None
+        self._engine_stack = contextlib.AsyncExitStack()
+        self._reload_lock = asyncio.Lock()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -94,17 +97,47 @@ class Scorer:
                                       "quantization": str(m.quantization.get("mode", "none"))})
 
     async def _serve_student(self, stop: asyncio.Event) -> None:
-        """Start the engine (layout, warm-up), report ready, and keep it until `stop`."""
+        """Start the engine (layout, warm-up), report ready, and keep it (or its reloaded successor) until
+        `stop`."""
+        self._engine_stack = contextlib.AsyncExitStack()
         try:
-            async with Engine.started(self.artifact, self.settings, self.metrics) as engine:
-                self.engine = engine
-                self.ready = True
-                self.metrics.ready.set(1)
-                log.info("model ready", extra={"model": self.artifact.manifest.name})
-                await stop.wait()
+            self.engine = await self._engine_stack.enter_async_context(
+                Engine.started(self.artifact, self.settings, self.metrics))
+            self.ready = True
+            self.metrics.ready.set(1)
+            log.info("model ready", extra={"model": self.artifact.manifest.name})
+            await stop.wait()
         except Exception:
             log.exception("the model could not be started; the service stays not ready")
             raise
+        finally:
+            await self._engine_stack.aclose()
+
+    async def reload(self, model_dir: Path) -> tuple[Manifest, Manifest]:
+        """Swap in another model with no failed request: verify it, warm a new engine with the layout in
+        use, switch to it, then retire the old engine once the requests holding it are done. A bad
+        artefact is refused (INVALID_MODEL) and the old model keeps serving. Returns (old, new) manifests."""
+        async with self._reload_lock:
+            current, _ = self._require_ready()
+            try:
+                artifact = await asyncio.to_thread(load_artifact, model_dir)
+            except ArtifactError as exc:
+                raise ServiceError(ErrorKind.INVALID_MODEL, str(exc)) from None
+            layout = current.layout
+            fixed = dataclasses.replace(self.settings, layout=layout.shape, max_batch_tokens=layout.batch_tokens)
+            stack = contextlib.AsyncExitStack()
+            try:
+                engine = await stack.enter_async_context(Engine.started(artifact, fixed, self.metrics))
+            except Exception as exc:  # ONNX Runtime could not load or run it: the admin's artefact, not a bug
+                log.warning("reload refused", extra={"model_dir": str(model_dir), "error_type": type(exc).__name__})
+                raise ServiceError(ErrorKind.INVALID_MODEL, f"{model_dir}: the model could not be loaded and run",
+                                   {"error_type": type(exc).__name__}) from None
+            previous, retiring = self.artifact.manifest, self._engine_stack
+            self.engine, self.artifact, self._engine_stack = engine, artifact, stack
+            self._publish_model_info()
+            log.info("model reloaded", extra={"model": artifact.manifest.name, "version": artifact.manifest.version})
+            await retiring.aclose()
+            return previous, artifact.manifest
 
     def _teacher_client(self) -> TeacherClient | None:
         """The teacher client: to SENTIMENT_TEACHER_URL, or to an embedded teacher supervised in the
@@ -154,15 +187,16 @@ class Scorer:
         return self.engine, self.fallback
 
     async def score(self, texts: list[str], policy: str) -> list[Scored]:
-        engine, fallback = self._require_ready()
+        current, fallback = self._require_ready()
         deadline = time.perf_counter() + self.settings.request_timeout_s
-        encoded = await engine.encode(texts)
-        try:
-            predictions = await engine.infer(encoded, deadline)
-        except ServiceError as exc:
-            if exc.kind is not ErrorKind.INTERNAL or self.teacher is None:
-                raise
-            return await self._teacher_only(fallback, texts, encoded, deadline, exc)
+        async with current.in_use() as engine:
+            encoded = await engine.encode(texts)
+            try:
+                predictions = await engine.infer(encoded, deadline)
+            except ServiceError as exc:
+                if exc.kind is not ErrorKind.INTERNAL or self.teacher is None:
+                    raise
+                return await self._teacher_only(fallback, texts, encoded, deadline, exc)
         decisions = await fallback.decide(texts, predictions, policy, deadline)
         for enc, decision in zip(encoded, decisions, strict=True):
             self._observe(enc.ids, enc.truncated, decision)

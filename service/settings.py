@@ -39,6 +39,7 @@ class Settings:
     max_text_chars: int = _doc(10_000, "longest text in characters")
     max_body_bytes: int = _doc(1_048_576, "largest request body")
     api_keys: tuple[str, ...] = _doc((), "comma-separated API keys; empty: no authentication")
+    admin_key: str = _doc("", "bearer key for /admin routes (model reload); empty: no admin routes")
     teacher_url: str = _doc("", "OpenAI-compatible base URL of the teacher; empty: start the embedded one")
     teacher_model: str = _doc("", "teacher model name (empty: the embedded teacher's)")
     teacher_api_key: str = _doc("", "bearer token for the teacher")
