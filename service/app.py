@@ -14,6 +14,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.artifact import load_artifact
+from service.disconnect import cancel_on_disconnect
 from service.errors import handle_exception
 from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
 from service.metrics import Metrics
@@ -31,7 +32,7 @@ def timing_middleware(metrics: Metrics, draining: Callable[[], bool]):  # -> Cal
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            started, status = time.perf_counter(), 500
+            started, status = time.perf_counter(), 499  # no answer started: the client hung up first
 
             async def send_with_status(message: Message) -> None:
                 nonlocal status
@@ -43,6 +44,9 @@ def timing_middleware(metrics: Metrics, draining: Callable[[], bool]):  # -> Cal
 
             try:
                 await app(scope, receive, send_with_status)
+            except BaseException:
+                status = 500 if status == 499 else status
+                raise
             finally:
                 route = scope.get("path_template") or "unmatched"
                 metrics.request_duration.labels(route, scope["method"], str(status)).observe(
@@ -74,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         middleware=[timing_middleware(metrics, lambda: app.state.get("scorer") is not None
-                                      and app.state.scorer.draining)],
+                                      and app.state.scorer.draining), cancel_on_disconnect(metrics)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Sentiment inference service", version="1.0.0",
                                      description="Distilled int8 student with a teacher-LLM fallback."),

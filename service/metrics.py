@@ -56,5 +56,8 @@ class Metrics:
                                          "fallbacks refused by the teacher budget", ["limit"], registry=r)
         self.hard_cases = Counter(f"{p}hard_cases_total", "hard-case log entries by outcome (written, disk, backlog)",
                                   ["outcome"], registry=r)
+        self.client_disconnects = Counter(f"{p}client_disconnects_total",
+                                          "requests cancelled because the client hung up before the answer",
+                                          registry=r)
         self.ready = Gauge(f"{p}ready", "1 when the model is loaded and warmed", registry=r)
         self.model_info = Info(f"{p}model", "the served model", registry=r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +109,30 @@ def test_explanations_beyond_the_bound_are_refused_at_once_not_queued(faulty_ser
     assert codes == ["teacher_busy", "teacher_busy", "teacher_unavailable"]  # one call in flight, it times out
     assert all(r.status_code == 503 and r.headers["retry-after"] for r in responses)
     assert time.perf_counter() - started < 2.0  # nobody waited behind the hung call
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_client_that_hangs_up_gets_its_teacher_call_cancelled(faulty_service) -> None:
+    FaultyTeacher.mode = "hangs"  # the forced teacher call would take 2 s; the client leaves after 0.4 s
+    host, port = faulty_service.url.removeprefix("http://").split(":")
+    with faulty_service.client() as client:
+        before = client.get("/metrics").text
+        body = json.dumps({"text": "is anyone there", "fallback": "always"}).encode()
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/sentiment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.4)
+        time.sleep(0.3)
+        after = client.get("/metrics").text
+        assert client.post("/v1/sentiment", json={"text": "next"}).status_code == 200
+    hung_up = "sentiment_client_disconnects_total"
+    assert metric(after, hung_up) == metric(before, hung_up) + 1
+    # The abandoned call was never accounted as a teacher answer or failure.
+    label_calls = 'sentiment_teacher_duration_seconds_count{task="label"}'
+    assert metric(after, label_calls) == metric(before, label_calls)
 
 
 def test_the_faults_show_in_metrics(faulty_service) -> None:
