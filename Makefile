@@ -24,7 +24,7 @@ LLAMA_FLAGS_ID := $(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cpp-python-$(LLAMA_VERSION)-$(TEACHER_ISA)-$(LLAMA_FLAGS_ID)
 MODEL_DIR ?= models/sentiment-minilm-int8
 
-.PHONY: serve test lint model teacher loadtest bench clean print-settings
+.PHONY: serve test lint model teacher loadtest bench soak clean print-settings
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -85,6 +85,9 @@ loadtest: $(VENV)/.all  ## Locust against a running service (make serve in anoth
 bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and granian); teacher latency
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/teacher.py
+
+soak: $(VENV)/.all  ## 10 minutes at 80% of the service's capacity: memory growth and p99 drift (a benchmark)
+	$(BIN)/python bench/soak.py
 
 clean:  ## the venv and tool caches (the llama.cpp wheel cache in $(WHEEL_CACHE) stays)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

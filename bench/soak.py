@@ -1,0 +1,129 @@
+"""Soak: the service at a fixed share of its own capacity for minutes, open loop; memory and latency drift.
+
+  python bench/soak.py [--minutes 10] [--share 0.8]
+
+Capacity is measured first (64 closed-loop clients); then requests go out on a fixed schedule at
+`share` × that rate, and each latency counts from its scheduled time (queueing included). The
+service's resident memory (all its processes) is sampled throughout. Prints p50/p99 per minute, the
+memory growth from the first minute to the last, and exits 1 if growth is 5% or more or any request
+failed. A benchmark, not a test: the machine is shared, read the drift, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.serving import load, percentile, serve
+from loadtests.messages import MESSAGES
+from service.settings import DEFAULT_MODEL_DIR
+
+
+def rss_mb(root: int) -> float:
+    """Resident memory of `root` and every process below it."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = [root], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree += children
+        frontier += children
+    total = 0
+    for pid in tree:
+        try:
+            total += int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                              if line.startswith("VmRSS:")))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+async def open_loop(url: str, rate: float, seconds: float, connections: int = 64) -> list[tuple[float, float, bool]]:
+    """Requests scheduled every 1/rate s over `connections` keep-alive connections: (scheduled, latency, ok)."""
+    host, port = url.removeprefix("http://").split(":")
+    bodies = [orjson.dumps({"text": text}) for text in MESSAGES]
+    start = time.perf_counter() + 0.1
+    schedule = (start + i / rate for i in itertools.count())
+    until = start + seconds
+    out: list[tuple[float, float, bool]] = []
+
+    async def connection(offset: int) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for i in itertools.count(offset):
+            due = next(schedule)
+            if due >= until:
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            body = bodies[i % len(bodies)]
+            writer.write(b"POST /v1/sentiment HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            out.append((due - start, time.perf_counter() - due, head.startswith(b"HTTP/1.1 200")))
+        writer.close()
+
+    await asyncio.gather(*(connection(k) for k in range(connections)))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--share", type=float, default=0.8)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    args = parser.parse_args()
+    process, url = serve(args.model, "granian", {})
+    memory: list[tuple[float, float]] = []
+    try:
+        asyncio.run(load(url, 4, 1.0))
+        capacity = asyncio.run(load(url, 64, 8.0))["texts_per_s"]
+        rate = args.share * capacity
+        print(f"capacity {capacity:.0f} texts/s; soaking at {rate:.0f}/s for {args.minutes:g} min", flush=True)
+        seconds = args.minutes * 60
+
+        async def soak() -> list[tuple[float, float, bool]]:
+            task = asyncio.create_task(open_loop(url, rate, seconds))
+            started = time.perf_counter()
+            while not task.done():
+                memory.append((time.perf_counter() - started, rss_mb(process.pid)))
+                await asyncio.sleep(5)
+            return task.result()
+
+        results = asyncio.run(soak())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    failed = sum(not ok for _, _, ok in results)
+    print(f"{'minute':>6} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'RSS MB':>8}")
+    minutes = int(args.minutes + 0.999)
+    for minute in range(minutes):
+        latencies = [lat for t, lat, _ in results if minute * 60 <= t < (minute + 1) * 60]
+        rss = [mb for t, mb in memory if minute * 60 <= t < (minute + 1) * 60] or [0.0]
+        if latencies:
+            print(f"{minute + 1:6d} {len(latencies):9d} {percentile(latencies, 0.5) * 1000:8.1f} "
+                  f"{percentile(latencies, 0.99) * 1000:8.1f} {max(rss):8.1f}")
+    first = [mb for t, mb in memory if t < 60] or [memory[0][1]]
+    last = [mb for t, mb in memory if t >= seconds - 60] or [memory[-1][1]]
+    growth = max(last) / max(first) - 1
+    print(f"requests {len(results)}, failed {failed}; memory {max(first):.1f} -> {max(last):.1f} MB "
+          f"({growth:+.1%})")
+    return 1 if failed or growth >= 0.05 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
