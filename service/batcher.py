@@ -141,10 +141,10 @@ class Batcher:
         infer = self._infer_alone if self._running == 0 and not self._pending else self._infer
         self._running += 1
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(
+            rows = await asyncio.get_running_loop().run_in_executor(
                 self._executor, infer, [item.ids for item in batch])
-            if len(probs) != len(batch):
-                raise RuntimeError(f"inference returned {len(probs)} rows for {len(batch)} texts")
+            if len(rows) != len(batch):
+                raise RuntimeError(f"inference returned {len(rows)} rows for {len(batch)} texts")
         except asyncio.CancelledError:  # shutting down mid-batch: its callers must not hang
             self._fail(batch, ServiceError(ErrorKind.NOT_READY, "service shut down", retry_after=1))
             raise
@@ -154,7 +154,7 @@ class Batcher:
         finally:
             self._running -= 1
             self._metrics.inference_duration.observe(time.perf_counter() - started)
-        for item, row in zip(batch, probs, strict=True):
+        for item, row in zip(batch, rows, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
 

@@ -268,3 +268,28 @@ def test_a_broken_artefact_stops_the_start_with_one_line_naming_the_file(tiny_mo
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and lines[0].startswith("error:")
+
+
+def test_a_model_that_fails_its_warm_up_is_logged_and_never_ready(tiny_model, tmp_path) -> None:
+    """A model file that passes the hash check but that ONNX Runtime cannot run: the service stays up,
+    answers 503 not_ready, and says why in one log line."""
+    import json
+    import shutil
+
+    from service.artifact import MANIFEST_FILE, MODEL_FILE, sha256_of
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / MODEL_FILE).write_bytes(b"this is no ONNX graph")
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, "sha256": sha256_of(broken / MODEL_FILE)}))
+    with running_service(broken, tmp_path, wait_ready=False) as svc, svc.client() as client:
+        for _ in range(100):
+            if "could not be started" in svc.log.read_text():
+                break
+            time.sleep(0.1)
+        ready = client.get("/health/ready")
+        scored = client.post("/v1/sentiment", json={"text": "hello"})
+    assert "the model could not be started" in svc.log.read_text()
+    assert ready.status_code == 503 and ready.json()["details"]["model_loaded"] is False
+    assert scored.status_code == 503 and scored.json()["error"]["code"] == "not_ready"

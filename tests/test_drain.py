@@ -68,6 +68,7 @@ def test_sigterm_drains_under_load_and_drops_nothing(tiny_model, tmp_path, serve
         with pytest.raises(httpx.ConnectError):  # once gone, new connections are refused cleanly
             httpx.post(f"{svc.url}/v1/sentiment", json={"text": "anyone there?"})
     outcomes = Counter(outcome for _, outcome in log)
+    print(f"{server}: {len(log)} requests sent during the drain, outcomes {dict(outcomes)}")
     assert outcomes["ok"] > 20 and set(outcomes) == {"ok"}, outcomes  # nothing dropped, no 5xx
     assert readiness[-1][1] == 503 and readiness[-1][2]["details"]["draining"] is True, readiness[-1]
     # Requests went on being answered while readiness said 503.

@@ -16,6 +16,9 @@ import httpx
 import pytest
 
 from service.artifact import LABELS
+from service.fallback import Fallback
+from service.metrics import Metrics
+from service.teacher import TeacherClient
 from tests.conftest import running_service
 
 FAULTS = {
@@ -142,3 +145,29 @@ def test_the_faults_show_in_metrics(faulty_service) -> None:
         assert f'sentiment_teacher_errors_total{{outcome="{outcome}",task="label"}}' in metrics
     assert 'sentiment_hard_cases_total{outcome="disk"}' in metrics  # answered fallbacks, a failing disk
     assert "sentiment_request_duration_seconds_count" in metrics and 'status="500"' not in metrics
+
+
+def test_a_cancelled_half_open_probe_frees_the_breaker() -> None:
+    """The probe let through a half-open breaker is cancelled (its client hung up): the next call may probe."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FaultyTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FaultyTeacher.mode = "hangs"
+
+    async def scenario() -> None:
+        client = TeacherClient(f"http://127.0.0.1:{server.server_port}", "faulty", timeout=5)
+        fallback = Fallback(client, Metrics(), threshold=0.5, max_concurrency=4, max_share=1.0, teacher_timeout=5,
+                            breaker_failures=1, breaker_reset=0.05)
+        fallback.breaker.record(False)  # open
+        await asyncio.sleep(0.06)  # past the reset: the next call is the half-open probe
+        probe = asyncio.create_task(fallback.ask("hello", time.perf_counter() + 5, forced=True))
+        await asyncio.sleep(0.1)
+        assert fallback.breaker.state == "half_open" and not fallback.breaker.allow()  # the probe is out
+        probe.cancel()
+        await asyncio.gather(probe, return_exceptions=True)
+        assert fallback.breaker.allow()  # its slot came back: not half-open forever
+        await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.shutdown()
