@@ -1,7 +1,8 @@
-"""The scoring service: request-level logic between the thin routes and the runner / batcher / teacher.
+"""The scoring service: request-level logic between the thin routes and the engine / fallback / teacher.
 
-It owns the lifetime of everything it builds (`async with Scorer.started(...)`): model session,
-warm-up, batcher, teacher client and, when no teacher URL is configured, the embedded teacher.
+It owns the lifetime of everything it builds (`async with Scorer.started(...)`): the student engine
+(and its successor on a hot reload), the teacher client and, when no teacher URL is configured, the
+supervised embedded teacher; it reports draining when the server is about to stop.
 """
 
 from __future__ import annotations
