@@ -1,7 +1,8 @@
 """Serving benchmark, one run, one model file: in-process ONNX Runtime (the limit) vs the service over
-HTTP at 1 and 64 concurrent clients, under uvicorn and granian. Prints medians and ratios.
+HTTP at 1 and 64 concurrent clients, under uvicorn and granian, per layout. Every measurement is taken
+`--rounds` times, interleaved across rows; prints the medians and their ratios to the limit.
 
-  python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 8]
+  python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 4] [--rounds 3]
 
 The machine is shared and noisy: read the ratios, not a lone absolute time.
 """
@@ -103,32 +104,48 @@ def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.P
                           "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_QUEUE_SIZE": "4096", **extra})
 
 
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="every measurement this often, interleaved; medians")
     parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"])
     parser.add_argument("--configs", nargs="+", default=["auto", "1x2", "2x1"],
                         help="auto: the layout the service measures at warm-up; SxT: S streams of T ORT threads "
                              "(the batch token budget still measured)")
     args = parser.parse_args()
-    results: dict[str, dict] = {"in_process": in_process(args.model, args.seconds)}
-    configs = {name: {"SENTIMENT_LAYOUT": name} for name in args.configs}
-    for server in args.servers:
-        for name in args.configs:
-            process, url = serve(args.model, server, configs[name])
-            try:
-                chosen = httpx.get(f"{url}/v1/model").json()["serving"]
-                print(f"{server}/{name}: {chosen['reason']}", flush=True)
-                asyncio.run(load(url, 4, 1.0))  # warm connections and code paths
-                results[f"{server}/{name}"] = {f"c{c}": asyncio.run(load(url, c, args.seconds)) for c in (1, 64)}
-            finally:
-                process.terminate()
-                process.wait(timeout=15)
-    limit = results["in_process"]
+    services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    limit_rounds: list[dict[str, float]] = []
+    served: dict[str, dict[str, list[dict[str, float]]]] = {}
+    try:
+        for server in args.servers:  # one at a time: each measures its layout on an otherwise idle machine
+            for name in args.configs:
+                process, url = serve(args.model, server, {"SENTIMENT_LAYOUT": name})
+                services[f"{server}/{name}"] = (process, url)
+                print(f"{server}/{name}: {httpx.get(f'{url}/v1/model').json()['serving']['reason']}", flush=True)
+        rows = list(services.items())
+        for round_no in range(args.rounds):  # interleaved and rotated: drift and order hit every row alike
+            limit_rounds.append(in_process(args.model, args.seconds))
+            for key, (_, url) in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
+                asyncio.run(load(url, 4, 0.5))  # warm connections and code paths
+                figures = served.setdefault(key, {"c1": [], "c64": []})
+                for clients in (1, 64):
+                    figures[f"c{clients}"].append(asyncio.run(load(url, clients, args.seconds)))
+    finally:
+        for process, _ in services.values():
+            process.terminate()
+            process.wait(timeout=15)
+    limit = median_of(limit_rounds)
+    results = {"in_process": limit, **{key: {c: median_of(rounds) for c, rounds in figures.items()}
+                                       for key, figures in served.items()}}
     print(json.dumps(results, indent=2, default=lambda v: round(v, 2)))
-    print(f"\nin-process ORT: single text p50 {limit['single_p50_ms']:.2f} ms, "
-          f"batch 8 {limit['batch8_texts_per_s']:.0f} texts/s, batch 32 {limit['batch32_texts_per_s']:.0f} texts/s")
+    print(f"\nmedians of {args.rounds} interleaved rounds; in-process ORT: single text p50 "
+          f"{limit['single_p50_ms']:.2f} ms, batch 8 {limit['batch8_texts_per_s']:.0f} texts/s, "
+          f"batch 32 {limit['batch32_texts_per_s']:.0f} texts/s")
     print(f"{'config':22} {'c1 p50 ms':>10} {'c1/ORT':>7} {'c64 texts/s':>12} {'c64/ORT b8':>11} {'c64 p99 ms':>11}")
     for name, figures in results.items():
         if name == "in_process":
