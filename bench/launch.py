@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_service(env: dict[str, str], wait: float = 90.0, log: Path | None = None,
-                  probe: str = "ready") -> tuple[subprocess.Popen[bytes], str]:
-    """The service with `env` on top of the caller's environment; returns once /health/{probe} is 200.
+                  probe: str = "ready", teacher: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """The service with `env` on top of the caller's environment; returns once /health/{probe} is 200,
+    and with `teacher` once the embedded teacher (started in the background) answers too.
 
     Output goes to `log` when given (tests show it on failure), else nowhere.
     """
@@ -35,7 +36,9 @@ def start_service(env: dict[str, str], wait: float = 90.0, log: Path | None = No
         if process.poll() is not None:
             raise RuntimeError(f"service exited with code {process.returncode}\n{tail()}")
         try:
-            if httpx.get(f"{url}/health/{probe}", timeout=1).status_code == 200:
+            response = httpx.get(f"{url}/health/{probe}", timeout=1)
+            state = response.json().get("details", {}).get("teacher_state") if teacher else "ready"
+            if response.status_code == 200 and state in ("ready", "external", "disabled"):
                 return process, url
         except httpx.HTTPError:
             pass

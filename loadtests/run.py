@@ -82,7 +82,7 @@ def main() -> None:
         if name == "external":
             results[name] = run_locust(args.url, args.users, args.seconds)
             continue
-        process, url = start_service(scenarios[name])
+        process, url = start_service(scenarios[name], teacher=True)
         try:
             results[name] = run_locust(url, args.users, args.seconds)
             if name == "fallback":
