@@ -60,6 +60,17 @@ def in_process(model: Path, seconds: float) -> dict[str, float]:
     return out
 
 
+async def post_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> bool:
+    """One POST /v1/sentiment on a keep-alive connection, its answer read whole; True for a 200."""
+    writer.write(b"POST /v1/sentiment HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    return head.startswith(b"HTTP/1.1 200")
+
+
 async def load(url: str, clients: int, seconds: float) -> dict[str, float]:
     """`clients` closed-loop keep-alive connections, one text per request; latency percentiles and texts/s.
 
@@ -77,15 +88,8 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, float]:
         reader, writer = await asyncio.open_connection(host, int(port))
         i = offset
         while time.perf_counter() < until:
-            body = bodies[i % len(bodies)]
             started = time.perf_counter()
-            writer.write(b"POST /v1/sentiment HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            await reader.readexactly(length)
-            if head.startswith(b"HTTP/1.1 200"):
+            if await post_json(reader, writer, bodies[i % len(bodies)]):
                 latencies.append(time.perf_counter() - started)
             else:
                 errors += 1

@@ -22,7 +22,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serving import load, percentile, serve
+from bench.serving import load, percentile, post_json, serve
 from loadtests.messages import MESSAGES
 from service.settings import DEFAULT_MODEL_DIR
 
@@ -67,14 +67,8 @@ async def open_loop(url: str, rate: float, seconds: float, connections: int = 64
             if due >= until:
                 break
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            body = bodies[i % len(bodies)]
-            writer.write(b"POST /v1/sentiment HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            await reader.readexactly(length)
-            out.append((due - start, time.perf_counter() - due, head.startswith(b"HTTP/1.1 200")))
+            ok = await post_json(reader, writer, bodies[i % len(bodies)])
+            out.append((due - start, time.perf_counter() - due, ok))
         writer.close()
 
     await asyncio.gather(*(connection(k) for k in range(connections)))

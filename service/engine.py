@@ -32,20 +32,24 @@ class Engine:
     def __init__(self, runner: ModelRunner, layout: Layout, batcher: Batcher, metrics: Metrics) -> None:
         self.runner, self.layout, self.batcher, self._metrics = runner, layout, batcher, metrics
         self._users = 0  # requests between their encode and their last result
+        self._unused = asyncio.Event()
+        self._unused.set()
 
     @contextlib.asynccontextmanager
     async def in_use(self) -> AsyncIterator[Engine]:
         """Held by a request for its whole encode → infer: a retiring engine waits for it (hot reload)."""
         self._users += 1
+        self._unused.clear()
         try:
             yield self
         finally:
             self._users -= 1
+            if not self._users:
+                self._unused.set()
 
     async def _idle(self, timeout: float) -> None:
-        until = asyncio.get_running_loop().time() + timeout
-        while self._users and asyncio.get_running_loop().time() < until:
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._unused.wait(), timeout)
 
     @classmethod
     @contextlib.asynccontextmanager
