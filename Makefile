@@ -24,7 +24,7 @@ LLAMA_FLAGS_ID := $(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cpp-python-$(LLAMA_VERSION)-$(TEACHER_ISA)-$(LLAMA_FLAGS_ID)
 MODEL_DIR ?= models/sentiment-minilm-int8
 
-.PHONY: serve test lint model teacher loadtest bench soak clean print-settings
+.PHONY: serve test lint model teacher teacher-wheel loadtest bench soak dashboard clean print-settings
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ $(WHEEL_CACHE)/.built: | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps --no-cache-dir \
 		--no-binary llama-cpp-python -w $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
+
+# The same portable wheel for the teacher image (deploy/teacher/Dockerfile runs this with WHEEL_CACHE=/wheels).
+teacher-wheel: $(WHEEL_CACHE)/.built
 
 # The portable wheel goes in first, so the teacher extra finds llama-cpp-python satisfied and builds nothing;
 # the teacher's GGUF is fetched here, not inside the service's start-up.

@@ -45,6 +45,7 @@ class Batcher:
         self._metrics = metrics
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait, self.queue_size, self.workers = max_wait, queue_size, workers
+        metrics.queue_capacity.set(queue_size)
         self._pending: list[_Item] = []
         self._arrived = asyncio.Event()
         self._running = 0

@@ -36,6 +36,8 @@ class Metrics:
         self.input_tokens = Histogram(f"{p}input_tokens", "tokens per text after truncation",
                                       buckets=TOKEN_BUCKETS, registry=r)
         self.queue_depth = Gauge(f"{p}queue_depth", "texts waiting for inference", registry=r)
+        self.queue_capacity = Gauge(f"{p}queue_capacity", "texts the queue holds before 503 (SENTIMENT_QUEUE_SIZE)",
+                                    registry=r)
         self.rejected = Counter(f"{p}rejected_total", "texts refused or dropped before inference",
                                 ["reason"], registry=r)
         self.predictions = Counter(f"{p}predictions_total", "results returned", ["label", "source"], registry=r)
@@ -48,6 +50,8 @@ class Metrics:
         self.teacher_errors = Counter(f"{p}teacher_errors_total", "failed teacher calls", ["task", "outcome"],
                                       registry=r)
         self.breaker_state = Gauge(f"{p}teacher_breaker_state", "0 closed, 1 half-open, 2 open", registry=r)
+        self.teacher_enabled = Gauge(f"{p}teacher_enabled", "1 when a teacher is wanted (SENTIMENT_TEACHER_ENABLED)",
+                                     registry=r)
         self.teacher_up = Gauge(f"{p}teacher_up", "1 while the embedded teacher answers (external: always 1)",
                                 registry=r)
         self.teacher_restarts = Counter(f"{p}teacher_restarts_total", "embedded teacher restarts after a crash or hang",

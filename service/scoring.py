@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ class Scorer:
         self.ready = False
         self.draining = False
         self.embedded_teacher: EmbeddedTeacher | None = None  # when this process runs its own teacher
+        self.teacher_missing: str | None = None  # why there is no teacher although one is enabled
         self.hard_cases: HardCaseLog | None = None
         self._engine_stack = contextlib.AsyncExitStack()
         self._reload_lock = asyncio.Lock()
@@ -59,6 +61,7 @@ class Scorer:
         try:
             scorer.teacher = scorer._teacher_client()
             scorer.fallback = scorer._fallback(scorer.teacher)
+            metrics.teacher_enabled.set(int(settings.teacher_enabled))
             metrics.teacher_up.set(int(scorer.teacher is not None))
             if scorer.embedded_teacher:
                 scorer._teacher_changed(scorer.embedded_teacher)
@@ -147,6 +150,11 @@ class Scorer:
         if not s.teacher_enabled:
             return None
         url, model, constraint = s.teacher_url, s.teacher_model, s.teacher_constraint
+        if not url and importlib.util.find_spec("llama_cpp") is None:
+            log.warning("no teacher: SENTIMENT_TEACHER_URL is empty and llama-cpp-python is not installed here "
+                        "(the image carries no embedded teacher); fallback and explain answer 503")
+            self.teacher_missing = "SENTIMENT_TEACHER_URL is empty and llama-cpp-python is not installed"
+            return None
         if not url:
             gguf = Path(s.teacher_gguf) if s.teacher_gguf else None
             self.embedded_teacher = EmbeddedTeacher(gguf, on_change=self._teacher_changed)
@@ -169,7 +177,8 @@ class Scorer:
     def teacher_status(self) -> dict[str, object]:
         if self.embedded_teacher:
             return self.embedded_teacher.status()
-        return {"state": "external" if self.teacher else "disabled", "restarts": None, "last_exit": None}
+        return {"state": "external" if self.teacher else "disabled", "restarts": None,
+                "last_exit": None if self.teacher else self.teacher_missing}
 
     def _fallback(self, client: TeacherClient | None) -> Fallback:
         """Always present: without a teacher every fallback it is asked for has the outcome `disabled`."""
@@ -232,7 +241,8 @@ class Scorer:
         (milliseconds): if it cannot, no teacher call is spent."""
         _, fallback = self._require_ready()
         if fallback.client is None:
-            raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, "no teacher is configured or running", retry_after=5)
+            raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, self.teacher_missing or "no teacher is configured",
+                               retry_after=5)
         if fallback.breaker.held:
             status = self.teacher_status()
             raise ServiceError(ErrorKind.TEACHER_UNAVAILABLE, f"the embedded teacher is {status['state']}",
