@@ -92,5 +92,8 @@ bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and gra
 soak: $(VENV)/.all  ## 10 minutes at 80% of the service's capacity: memory growth and p99 drift (a benchmark)
 	$(BIN)/python bench/soak.py
 
+dashboard: $(VENV)/.all  ## the dashboard's picture (docs/dashboard.png) from 5 minutes of real traffic (needs prometheus)
+	$(BIN)/python -m bench.dashboard
+
 clean:  ## the venv and tool caches (the llama.cpp wheel cache in $(WHEEL_CACHE) stays)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
