@@ -24,7 +24,7 @@ LLAMA_FLAGS_ID := $(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cpp-python-$(LLAMA_VERSION)-$(TEACHER_ISA)-$(LLAMA_FLAGS_ID)
 MODEL_DIR ?= models/sentiment-minilm-int8
 
-.PHONY: serve test lint model teacher teacher-wheel loadtest bench soak dashboard clean print-settings
+.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak dashboard clean print-settings
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -82,8 +82,14 @@ model: $(VENV)/.all
 		--out checkpoints/student
 	$(BIN)/python -m export --checkpoint checkpoints/student --out $(MODEL_DIR) $(EXPORT_ARGS)
 
-loadtest: $(VENV)/.all  ## Locust against a running service (make serve in another shell)
-	$(BIN)/python loadtests/run.py
+# Step load with the SLO gates of loadtests/slo.toml against a running `make serve` (LOADTEST_URL); exits 1
+# when a gate fails. Locust's HTML report, CSV stats and a chart land in runs/loadtest/<time>/.
+LOADTEST_URL ?= http://127.0.0.1:8000
+loadtest: $(VENV)/.all  ## step load with SLO gates against a running service (make serve in another shell)
+	$(BIN)/python loadtests/run.py steps --url $(LOADTEST_URL)
+
+loadtest-compare: $(VENV)/.all  ## student-only vs auto fallback side by side (starts its own services)
+	$(BIN)/python loadtests/run.py compare
 
 bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and granian); teacher latency
 	$(BIN)/python bench/serving.py

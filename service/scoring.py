@@ -151,9 +151,9 @@ class Scorer:
             return None
         url, model, constraint = s.teacher_url, s.teacher_model, s.teacher_constraint
         if not url and importlib.util.find_spec("llama_cpp") is None:
-            log.warning("no teacher: SENTIMENT_TEACHER_URL is empty and llama-cpp-python is not installed here "
-                        "(the image carries no embedded teacher); fallback and explain answer 503")
             self.teacher_missing = "SENTIMENT_TEACHER_URL is empty and llama-cpp-python is not installed"
+            log.warning("no teacher: %s (the service image carries no embedded teacher); fallback and explain "
+                        "answer 503", self.teacher_missing)
             return None
         if not url:
             gguf = Path(s.teacher_gguf) if s.teacher_gguf else None

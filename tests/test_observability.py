@@ -170,9 +170,9 @@ def test_every_dashboard_and_rule_expression_evaluates(traffic: Traffic) -> None
     assert {s["metric"]["outcome"] for s in fallbacks} == {"disabled"}  # the service runs without a teacher
     [errors] = [s for s in results["route:sentiment_request_errors:ratio_rate5m"]
                 if s["metric"]["route"] == "/v1/sentiment"]
-    assert float(errors["value"][1]) == 0.0  # 422s are the client's errors, not the service's
+    assert float(errors["value"][1]) == 0.0, errors  # 422s are the client's errors, not the service's
     [share] = results["sentiment:queue_wait:share5m"]
-    assert 0 <= float(share["value"][1]) <= 1
+    assert 0 <= float(share["value"][1]) <= 1, share
 
 
 def test_the_prometheus_adapter_rule_serves_the_hpa_metric(traffic: Traffic) -> None:
