@@ -1,8 +1,11 @@
 """Serving benchmark, one run, one model file: in-process ONNX Runtime (the limit) vs the service over
-HTTP at 1 and 64 concurrent clients, under uvicorn and granian, per layout. Every measurement is taken
-`--rounds` times, interleaved across rows; prints the medians and their ratios to the limit.
+HTTP at 1, 8 and 64 concurrent clients, under granian and uvicorn, per layout, beside the peers a user
+might run instead (bench/peers.py: a plain server calling ONNX Runtime once per request, a transformers
+fp32 pipeline() server). Every measurement is taken `--rounds` times, interleaved across rows; prints
+the medians and their ratios to the limit. The load comes from wrk (compiled) where installed, else from
+a bare asyncio client.
 
-  python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 4] [--rounds 3]
+  python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 4] [--rounds 3] [--peers plain pipeline]
 
 The machine is shared and noisy: read the ratios, not a lone absolute time.
 """
@@ -32,6 +35,7 @@ from loadtests.messages import MESSAGES  # noqa: E402
 from service.artifact import load_artifact  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
+from service.teacher_process import free_port  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -145,6 +149,31 @@ def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.P
                           "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_QUEUE_SIZE": "4096", **extra})
 
 
+def start_peer(kind: str, model: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.peers", kind, "--model", str(model), "--port", str(port)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"peer {kind} did not start")
+
+
+def cpu_header() -> str:
+    """The CPU model and the vector extensions that matter for int8 inference."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return f"{model}, {os.cpu_count()} cores visible, {' '.join(f for f in wanted if f in flags)}"
+
+
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
@@ -158,7 +187,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["auto", "1x2", "2x1"],
                         help="auto: the layout the service measures at warm-up; SxT: S streams of T ORT threads "
                              "(the batch token budget still measured)")
+    parser.add_argument("--peers", nargs="*", default=["plain", "pipeline"], choices=["plain", "pipeline"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--loader", choices=["wrk", "python"], default="wrk" if WRK else "python")
     args = parser.parse_args()
+    def run_load(url: str, clients: int, seconds: float) -> dict[str, float]:
+        return wrk_load(url, clients, seconds) if args.loader == "wrk" else asyncio.run(load(url, clients, seconds))
+
     services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     limit_rounds: list[dict[str, float]] = []
     served: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -168,14 +203,16 @@ def main() -> None:
                 process, url = serve(args.model, server, {"SENTIMENT_LAYOUT": name})
                 services[f"{server}/{name}"] = (process, url)
                 print(f"{server}/{name}: {httpx.get(f'{url}/v1/model').json()['serving']['reason']}", flush=True)
+        for kind in args.peers:
+            services[f"peer/{kind}"] = start_peer(kind, args.model)
         rows = list(services.items())
         for round_no in range(args.rounds):  # interleaved and rotated: drift and order hit every row alike
             limit_rounds.append(in_process(args.model, args.seconds))
             for key, (_, url) in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
                 asyncio.run(load(url, 4, 0.5))  # warm connections and code paths
-                figures = served.setdefault(key, {"c1": [], "c64": []})
-                for clients in (1, 64):
-                    figures[f"c{clients}"].append(asyncio.run(load(url, clients, args.seconds)))
+                figures = served.setdefault(key, {f"c{c}": [] for c in args.clients})
+                for clients in args.clients:
+                    figures[f"c{clients}"].append(run_load(url, clients, args.seconds))
     finally:
         for process, _ in services.values():
             process.terminate()
@@ -184,17 +221,24 @@ def main() -> None:
     results = {"in_process": limit, **{key: {c: median_of(rounds) for c, rounds in figures.items()}
                                        for key, figures in served.items()}}
     print(json.dumps(results, indent=2, default=lambda v: round(v, 2)))
-    print(f"\nmedians of {args.rounds} interleaved rounds; in-process ORT: single text p50 "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_header()}; load from {args.loader}")
+    print(f"medians of {args.rounds} interleaved rounds; in-process ORT (the limit): single text p50 "
           f"{limit['single_p50_ms']:.2f} ms, batch 8 {limit['batch8_texts_per_s']:.0f} texts/s, "
           f"batch 32 {limit['batch32_texts_per_s']:.0f} texts/s")
-    print(f"{'config':22} {'c1 p50 ms':>10} {'c1/ORT':>7} {'c64 texts/s':>12} {'c64/ORT b8':>11} {'c64 p99 ms':>11}")
+    best = max(limit["batch8_texts_per_s"], limit["batch32_texts_per_s"])
+    header = f"{'row':20} {'c1 p50 ms':>9} {'c1/ORT':>7}"
+    for clients in args.clients[1:]:
+        header += f" {f'c{clients} texts/s':>13} {f'c{clients} p99 ms':>11}"
+    print(header + f" {'top/limit':>9}")
     for name, figures in results.items():
         if name == "in_process":
             continue
-        c1, c64 = figures["c1"], figures["c64"]
-        print(f"{name:22} {c1['p50_ms']:10.2f} {c1['p50_ms'] / limit['single_p50_ms']:7.2f} "
-              f"{c64['texts_per_s']:12.0f} {c64['texts_per_s'] / limit['batch8_texts_per_s']:11.2f} "
-              f"{c64['p99_ms']:11.1f}")
+        c1 = figures[f"c{args.clients[0]}"]
+        line = f"{name:20} {c1['p50_ms']:9.2f} {c1['p50_ms'] / limit['single_p50_ms']:7.2f}"
+        for clients in args.clients[1:]:
+            line += f" {figures[f'c{clients}']['texts_per_s']:13.0f} {figures[f'c{clients}']['p99_ms']:11.1f}"
+        top = max(f["texts_per_s"] for f in figures.values())
+        print(line + f" {top / best:9.2f}")
 
 
 if __name__ == "__main__":
