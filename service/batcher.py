@@ -7,8 +7,7 @@ Invariants (checked by tests/test_batcher.py):
   filled with the pending texts closest to it in length, so little compute goes to padding;
 - a batch waits at most `max_wait` for company, and not at all when its text is the only one
   pending and no other batch is running: a lone request pays no batching delay; such a batch runs
-  on `infer_alone` (all cores on one call) where one is given, and, when it is small and such
-  batches have recently taken at most INLINE_SECONDS here, on the event loop's own thread;
+  on `infer_alone` (all cores on one call) where one is given;
 - admission is bounded: a request whose texts do not fit in the queue is refused at once;
 - every submitted future is resolved: with its own row, with the batch's error when inference
   raises, or with a deadline / shutdown error. Callers that went away are skipped and counted.
@@ -17,7 +16,6 @@ Invariants (checked by tests/test_batcher.py):
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +27,6 @@ from service.metrics import Metrics
 
 # Token id sequences in, one result row per sequence out (probabilities, or finished predictions).
 InferFn = Callable[[Sequence[list[int]]], Sequence[Any]]
-# A small lone batch (up to INLINE_TOKENS padded tokens) runs on the event loop's thread while such
-# batches measure at most INLINE_SECONDS on this machine (a moving average, starting in a thread):
-# nothing else is waiting, and the hand-off to an inference thread and back cost ~1 ms of a 5 ms answer
-# at one client (A/B with wrk on a Zen 4 EPYC: c1 p50 5.78 -> 4.79 ms, c64 no worse). On a CPU where
-# they are slower, or under contention, they stay in a thread, so the loop is never blocked for long.
-INLINE_TOKENS = 128
-INLINE_SECONDS = 0.005
 
 
 @dataclass
@@ -58,7 +49,6 @@ class Batcher:
         self._pending: list[_Item] = []
         self._arrived = asyncio.Event()
         self._running = 0
-        self._lone_seconds = math.inf  # moving average of small lone batches' inference time
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._closing = False
@@ -155,19 +145,11 @@ class Batcher:
             self._metrics.queue_wait.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_tokens.observe(len(batch) * max(len(item.ids) for item in batch))
-        alone = self._running == 0 and not self._pending
-        sequences = [item.ids for item in batch]
-        small_alone = alone and len(batch) * max(map(len, sequences)) <= INLINE_TOKENS
+        infer = self._infer_alone if self._running == 0 and not self._pending else self._infer
         self._running += 1
         try:
-            if small_alone and self._lone_seconds <= INLINE_SECONDS:
-                rows = self._infer_alone(sequences)
-            else:
-                rows = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._infer_alone if alone else self._infer, sequences)
-            if small_alone:
-                took = time.perf_counter() - started
-                self._lone_seconds = took if math.isinf(self._lone_seconds) else 0.8 * self._lone_seconds + 0.2 * took
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self._executor, infer, [item.ids for item in batch])
             if len(rows) != len(batch):
                 raise RuntimeError(f"inference returned {len(rows)} rows for {len(batch)} texts")
         except asyncio.CancelledError:  # shutting down mid-batch: its callers must not hang

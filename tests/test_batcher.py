@@ -163,38 +163,3 @@ def test_a_batch_alone_runs_on_the_alone_runner_and_concurrent_batches_on_the_st
     asyncio.run(scenario())
     # Six texts queued at once: the first batch saw others waiting, so none of them ran alone.
     assert len(alone.batches) == 1 and sum(size for size, _ in streams.batches) == 6
-
-
-class ThreadRecordingInfer(RecordingInfer):
-    def __init__(self, delay: float = 0.0) -> None:
-        super().__init__(delay)
-        self.threads: list[int] = []
-
-    def __call__(self, sequences):
-        self.threads.append(threading.get_ident())
-        return super().__call__(sequences)
-
-
-def run_lone_batches(infer: ThreadRecordingInfer, length: int, count: int = 5) -> list[bool]:
-    """Whether each of `count` lone batches ran on the event loop's thread."""
-
-    async def scenario() -> list[bool]:
-        batcher = Batcher(infer, Metrics(), max_batch_size=4, max_wait=0.0)
-        batcher.start()
-        for i in range(count):
-            rows = await batcher.submit([[i] + [1] * (length - 1)], time.perf_counter() + 30)
-            assert int(rows[0][0]) == i
-        await batcher.close()
-        loop_thread = threading.get_ident()
-        return [thread == loop_thread for thread in infer.threads]
-
-    return asyncio.run(scenario())
-
-
-def test_small_lone_batches_move_onto_the_loop_once_measured_fast() -> None:
-    assert run_lone_batches(ThreadRecordingInfer(), length=8) == [False, True, True, True, True]
-
-
-def test_slow_or_large_lone_batches_stay_off_the_loop() -> None:
-    assert not any(run_lone_batches(ThreadRecordingInfer(delay=0.02), length=8))  # slower than INLINE_SECONDS
-    assert not any(run_lone_batches(ThreadRecordingInfer(), length=200))  # more than INLINE_TOKENS
