@@ -1,4 +1,5 @@
-"""Start the real service (`python -m service`) on a free port for benchmarks and load tests."""
+"""What the benchmarks and load tests share: starting the real service (`python -m service`) on a free
+port, waiting for a server to answer, and reading a percentile."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -30,18 +32,36 @@ def start_service(env: dict[str, str], wait: float = 90.0, log: Path | None = No
         process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env={**os.environ, **settings},
                                    stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    tail = lambda: log.read_text()[-3000:] if log else ""  # noqa: E731
+
+    def answered(response: httpx.Response) -> bool:
+        state = response.json().get("details", {}).get("teacher_state") if teacher else "ready"
+        return response.status_code == 200 and state in ("ready", "external", "disabled")
+
+    wait_ready(process, f"{url}/health/{probe}", wait, answered, tail=lambda: log.read_text()[-3000:] if log else "")
+    return process, url
+
+
+def wait_ready(process: subprocess.Popen[bytes], probe_url: str, wait: float,
+               answered: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+               tail: Callable[[], str] = lambda: "") -> None:
+    """Poll `probe_url` until `answered`; RuntimeError (with the log's `tail`) if the process exits or the
+    time runs out, and then the process is killed."""
     until = time.monotonic() + wait
     while time.monotonic() < until:
         if process.poll() is not None:
-            raise RuntimeError(f"service exited with code {process.returncode}\n{tail()}")
+            raise RuntimeError(f"{probe_url}: process exited with code {process.returncode}\n{tail()}")
         try:
-            response = httpx.get(f"{url}/health/{probe}", timeout=1)
-            state = response.json().get("details", {}).get("teacher_state") if teacher else "ready"
-            if response.status_code == 200 and state in ("ready", "external", "disabled"):
-                return process, url
+            if answered(httpx.get(probe_url, timeout=1)):
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"service did not become {probe}\n{tail()}")
+    process.wait()
+    raise RuntimeError(f"{probe_url} did not answer in {wait:.0f} s\n{tail()}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile by rank (nan for no values)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench.launch import wait_ready
 from service.teacher_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,14 +76,7 @@ def running_prometheus(targets: list[str], workdir: Path, job: str = "sentiment"
                                     f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start:\n{(workdir / 'prometheus.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+        wait_ready(process, f"{url}/-/ready", 30, tail=lambda: (workdir / "prometheus.log").read_text()[-2000:])
         yield Prometheus(url)
     finally:
         process.terminate()

@@ -30,17 +30,12 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.launch import start_service  # noqa: E402
+from bench.launch import percentile, start_service, wait_ready  # noqa: E402
 from loadtests.messages import MESSAGES  # noqa: E402
 from service.artifact import load_artifact  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from service.teacher_process import free_port  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def in_process(model: Path, seconds: float) -> dict[str, float]:
@@ -154,15 +149,8 @@ def start_peer(kind: str, model: Path) -> tuple[subprocess.Popen[bytes], str]:
     process = subprocess.Popen([sys.executable, "-m", "bench.peers", kind, "--model", str(model), "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"peer {kind} did not start")
+    wait_ready(process, f"{url}/health/ready", 180)
+    return process, url
 
 
 def cpu_header() -> str:

@@ -22,7 +22,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serving import load, percentile, post_json, serve
+from bench.launch import percentile
+from bench.serving import load, post_json, serve
 from loadtests.messages import MESSAGES
 from service.settings import DEFAULT_MODEL_DIR
 

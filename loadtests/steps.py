@@ -15,6 +15,7 @@ from typing import Any
 from locust import LoadTestShape, events
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.launch import percentile
 from loadtests.slo import DEFAULT, load_plan
 
 CONFIG = load_plan(Path(os.environ.get("SENTIMENT_LOADTEST_SLO", DEFAULT)))
@@ -50,10 +51,6 @@ def _book(name: str, response_time: float, exception: BaseException | None, **_:
     step["texts"] += 1 if "[1 text]" in name else 5  # the batch task sends 2-8 texts: 5 on average
 
 
-def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 @events.test_stop.add_listener
 def _write(**_: Any) -> None:
     out = os.environ.get("SENTIMENT_LOADTEST_STEPS_OUT")
@@ -62,11 +59,11 @@ def _write(**_: Any) -> None:
     judged = CONFIG["step_seconds"] - CONFIG["settle_seconds"]
     figures = []
     for step, plan in zip(_booked, CONFIG["steps"], strict=True):
-        latencies = sorted(step["latencies_ms"])
+        latencies = step["latencies_ms"]
         count = len(latencies)
         figures.append({"users": plan["users"], "requests": count, "failures": step["failures"],
                         "error_ratio": step["failures"] / count if count else 1.0,
                         "requests_per_s": count / judged, "texts_per_s": step["texts"] / judged,
-                        "p50_ms": _quantile(latencies, 0.5), "p99_ms": _quantile(latencies, 0.99),
+                        "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
                         "gate_p99_ms": plan.get("p99_ms"), "gate_error_ratio": plan.get("max_error_ratio")})
     Path(out).write_text(json.dumps(figures, indent=2))
