@@ -63,5 +63,11 @@ class Metrics:
         self.client_disconnects = Counter(f"{p}client_disconnects_total",
                                           "requests cancelled because the client hung up before the answer",
                                           registry=r)
+        self.aspect_predictions = Counter(f"{p}aspect_predictions_total",
+                                          "aspect opinions returned, by taxonomy aspect and label",
+                                          ["aspect", "label"], registry=r)
+        self.aspect_duration = Histogram(f"{p}aspect_locate_seconds",
+                                         "clause split and sentence encoding per request asking for aspects",
+                                         buckets=LATENCY_BUCKETS, registry=r)
         self.ready = Gauge(f"{p}ready", "1 when the model is loaded and warmed", registry=r)
         self.model_info = Info(f"{p}model", "the served model", registry=r)

@@ -15,6 +15,7 @@ class SentimentRequest(msgspec.Struct, forbid_unknown_fields=True):
     texts: list[str] | None = None
     text: str | None = None
     fallback: FallbackPolicy | None = None
+    aspects: bool = False  # true: each result carries the aspect opinions it expresses
 
 
 class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -26,6 +27,15 @@ class FallbackInfo(msgspec.Struct):
     outcome: str  # ok | unparseable | timeout | error | breaker_open | over_budget | disabled
 
 
+class AspectResult(msgspec.Struct):
+    """One aspect the text expresses an opinion about; span: [start, end) in Unicode code points."""
+
+    aspect: str
+    label: Literal["negative", "neutral", "positive"]
+    score: float
+    span: tuple[int, int]
+
+
 class SentimentResult(msgspec.Struct):
     label: str
     score: float
@@ -33,6 +43,7 @@ class SentimentResult(msgspec.Struct):
     source: Literal["student", "teacher"]
     truncated: bool
     fallback: FallbackInfo | None = None
+    aspects: list[AspectResult] | msgspec.UnsetType = msgspec.UNSET  # present only when asked for
 
 
 class ModelRef(msgspec.Struct):

@@ -13,18 +13,24 @@ import dataclasses
 import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.artifact import Artifact, ArtifactError, Manifest, load_artifact
+import numpy as np
+
+from service.artifact import LABELS, Artifact, ArtifactError, Manifest, load_artifact
+from service.aspects import AspectClause, AspectModel, AspectOpinion, SentenceEncoder
 from service.drain import install_drain_handler
 from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
 from service.fallback import BUSY, Fallback, FallbackDecision, teacher_prediction
 from service.hard_cases import HardCaseLog
 from service.metrics import Metrics
+from service.runner import ModelRunner, Prediction
 from service.settings import Settings
+from service.taxonomy import Taxonomy
 from service.teacher import OK, TeacherAnswer, TeacherClient
 from service.teacher_process import READY, STARTING, EmbeddedTeacher
 
@@ -35,11 +41,15 @@ log = logging.getLogger("sentiment.scoring")
 class Scored:
     decision: FallbackDecision
     truncated: bool
+    aspects: list[AspectOpinion] | None = None  # None: not asked for
 
 
 class Scorer:
-    def __init__(self, settings: Settings, artifact: Artifact, metrics: Metrics) -> None:
-        self.settings, self.artifact, self.metrics = settings, artifact, metrics
+    def __init__(self, settings: Settings, artifact: Artifact, metrics: Metrics,
+                 taxonomy: Taxonomy | None = None) -> None:
+        self.settings, self.artifact, self.metrics, self.taxonomy = settings, artifact, metrics, taxonomy
+        self.aspects: AspectModel | None = None  # with a taxonomy: loaded beside the engine, before ready
+        self._aspect_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aspects")
         self.engine: Engine | None = None
         self.teacher: TeacherClient | None = None
         self.fallback: Fallback | None = None
@@ -53,8 +63,9 @@ class Scorer:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def started(cls, settings: Settings, artifact: Artifact, metrics: Metrics) -> AsyncIterator[Scorer]:
-        scorer = cls(settings, artifact, metrics)
+    async def started(cls, settings: Settings, artifact: Artifact, metrics: Metrics,
+                      taxonomy: Taxonomy | None = None) -> AsyncIterator[Scorer]:
+        scorer = cls(settings, artifact, metrics, taxonomy)
         tasks: list[asyncio.Task[None]] = []
         stop = asyncio.Event()
         engine_task: asyncio.Task[None] | None = None
@@ -87,6 +98,7 @@ class Scorer:
                 await asyncio.to_thread(scorer.embedded_teacher.stop)
             if scorer.hard_cases:
                 await scorer.hard_cases.aclose()
+            scorer._aspect_executor.shutdown(wait=False, cancel_futures=True)
 
     def start_draining(self) -> None:
         """Readiness turns 503 so load balancers stop sending; requests are still served until shutdown."""
@@ -107,6 +119,8 @@ class Scorer:
         try:
             self.engine = await self._engine_stack.enter_async_context(
                 Engine.started(self.artifact, self.settings, self.metrics))
+            if self.taxonomy:
+                self.aspects = await asyncio.to_thread(self._aspect_model, self.engine.runner)
             self.ready = True
             self.metrics.ready.set(1)
             log.info("model ready", extra={"model": self.artifact.manifest.name})
@@ -136,12 +150,30 @@ class Scorer:
                 log.warning("reload refused", extra={"model_dir": str(model_dir), "error_type": type(exc).__name__})
                 raise ServiceError(ErrorKind.INVALID_MODEL, f"{model_dir}: the model could not be loaded and run",
                                    {"error_type": type(exc).__name__}) from None
+            aspects = await asyncio.to_thread(self._aspect_model, engine.runner) if self.aspects else None
             previous, retiring = self.artifact.manifest, self._engine_stack
-            self.engine, self.artifact, self._engine_stack = engine, artifact, stack
+            self.engine, self.artifact, self._engine_stack, self.aspects = engine, artifact, stack, aspects
             self._publish_model_info()
             log.info("model reloaded", extra={"model": artifact.manifest.name, "version": artifact.manifest.version})
             await retiring.aclose()
             return previous, artifact.manifest
+
+    def _aspect_model(self, student: ModelRunner) -> AspectModel:
+        """The encoder with the taxonomy's phrases embedded, and the student's polarity prior per aspect
+        (measured on each aspect's own terms; remeasured when the student is reloaded)."""
+        assert self.taxonomy is not None
+        encoder = (self.aspects.encoder if self.aspects
+                   else SentenceEncoder(self.settings.aspect_model_dir))
+        model = AspectModel(encoder, self.taxonomy)
+        model.set_priors(np.stack([student.probabilities([e.ids for e in student.encode(terms)]).mean(axis=0)
+                                   for terms in model.prior_texts()]))
+        model.locate(["The parcel came late, but the support team was great."])  # warm the encoder
+        for aspect in self.taxonomy.names:  # every series exists from the start: dashboards see zeros
+            for label in ("negative", "positive"):
+                self.metrics.aspect_predictions.labels(aspect, label)
+        log.info("aspects ready", extra={"taxonomy": self.taxonomy.version, "aspects": len(self.taxonomy.aspects),
+                                         "threshold": model.threshold})
+        return model
 
     def _teacher_client(self) -> TeacherClient | None:
         """The teacher client: to SENTIMENT_TEACHER_URL, or to an embedded teacher supervised in the
@@ -196,21 +228,54 @@ class Scorer:
             raise ServiceError(ErrorKind.NOT_READY, "model is not ready yet", retry_after=1)
         return self.engine, self.fallback
 
-    async def score(self, texts: list[str], policy: str) -> list[Scored]:
+    async def score(self, texts: list[str], policy: str, aspects: bool = False) -> list[Scored]:
+        """The student's verdict per text (or the teacher's, by the fallback policy); with `aspects`, also
+        the aspect opinions: the regions the aspect model finds are scored in the same batch as the texts."""
         current, fallback = self._require_ready()
         deadline = time.perf_counter() + self.settings.request_timeout_s
+        located = await self._locate(texts, deadline) if aspects else None
+        regions, where = _regions(texts, located or [])
         async with current.in_use() as engine:
             encoded = await engine.encode(texts)
+            extra = await engine.encode(regions) if regions else []
             try:
-                predictions = await engine.infer(encoded, deadline)
+                predictions = await engine.infer([*encoded, *extra], deadline)
             except ServiceError as exc:
-                if exc.kind is not ErrorKind.INTERNAL or self.teacher is None:
+                if exc.kind is not ErrorKind.INTERNAL or self.teacher is None or aspects:
                     raise
                 return await self._teacher_only(fallback, texts, encoded, deadline, exc)
-        decisions = await fallback.decide(texts, predictions, policy, deadline)
+        decisions = await fallback.decide(texts, predictions[:len(texts)], policy, deadline)
         for enc, decision in zip(encoded, decisions, strict=True):
             self._observe(enc.ids, enc.truncated, decision)
-        return [Scored(d, enc.truncated) for d, enc in zip(decisions, encoded, strict=True)]
+        if located is None:
+            return [Scored(d, enc.truncated) for d, enc in zip(decisions, encoded, strict=True)]
+        found = [self._opinions(clauses, [predictions[i] for i in rows]) for clauses, rows in zip(located, where,
+                                                                                                  strict=True)]
+        return [Scored(d, enc.truncated, opinions)
+                for d, enc, opinions in zip(decisions, encoded, found, strict=True)]
+
+    async def _locate(self, texts: list[str], deadline: float) -> list[list[AspectClause]]:
+        model = self.aspects
+        if model is None:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, "aspects: not available on this deployment "
+                               "(SENTIMENT_ASPECTS_ENABLED=false)",
+                               [{"field": "aspects", "message": "aspect sentiment is switched off here"}])
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - started)):
+                located = await asyncio.get_running_loop().run_in_executor(self._aspect_executor, model.locate, texts)
+        except TimeoutError:
+            raise ServiceError(ErrorKind.DEADLINE, "request deadline exceeded while locating aspects") from None
+        self.metrics.aspect_duration.observe(time.perf_counter() - started)
+        return located
+
+    def _opinions(self, clauses: list[AspectClause], predictions: list[Prediction]) -> list[AspectOpinion]:
+        assert self.aspects is not None
+        opinions = self.aspects.opinions(clauses, [np.array([p.scores[label] for label in LABELS])
+                                                   for p in predictions])
+        for opinion in opinions:
+            self.metrics.aspect_predictions.labels(opinion.aspect, opinion.label).inc()
+        return opinions
 
     async def _teacher_only(self, fallback: Fallback, texts, encoded, deadline, error: ServiceError) -> list[Scored]:
         """The student failed: the teacher answers each text, or the request fails with the student's error."""
@@ -262,3 +327,22 @@ class Scorer:
                                {"outcome": answer.outcome, "detail": answer.detail},
                                retry_after=2 if unavailable else None)
         return answer, scored[0]
+
+
+def _regions(texts: Sequence[str], located: Sequence[list[AspectClause]]) -> tuple[list[str], list[list[int]]]:
+    """The region texts to score beyond the request's own texts, and per text the prediction rows of its
+    aspect clauses (rows below len(texts) are the texts themselves: a region that is the whole text
+    is not scored twice)."""
+    rows = {text: i for i, text in reversed(list(enumerate(texts)))}  # a region identical to a text: reused
+    extra: list[str] = []
+    where = []
+    for text, clauses in zip(texts, located, strict=True):
+        own = []
+        for clause in clauses:
+            region = text[clause.region[0]:clause.region[1]]
+            if region not in rows:
+                rows[region] = len(texts) + len(extra)
+                extra.append(region)
+            own.append(rows[region])
+        where.append(own)
+    return extra, where

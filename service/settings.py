@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from service.layout import parse_shape
+from service.taxonomy import DEFAULT_TAXONOMY
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "sentiment-minilm-int8"
+DEFAULT_ASPECT_MODEL_DIR = REPO_ROOT / "models" / "aspect-minilm-int8"
 
 
 def _doc(default: Any, text: str) -> Any:
@@ -58,6 +60,10 @@ class Settings:
     breaker_reset_s: float = _doc(10.0, "seconds the breaker stays open before one half-open probe")
     hard_cases_path: str = _doc("", "JSONL file to append fallback texts and teacher answers to (stores customer text)")
     hard_cases_max_mb: float = _doc(64.0, "size at which the hard-case file is rotated to <path>.1 (two files kept)")
+    aspects_enabled: bool = _doc(True, "load the aspect encoder and taxonomy; false: `aspects: true` answers 422")
+    aspect_model_dir: Path = _doc(DEFAULT_ASPECT_MODEL_DIR, "sentence encoder for aspect assignment (model.onnx, "
+                                  "tokenizer.json, manifest.json)")
+    aspect_taxonomy: Path = _doc(DEFAULT_TAXONOMY, "TOML file of aspect names, descriptions and examples")
     log_level: str = _doc("INFO", "log level")
 
     @classmethod
