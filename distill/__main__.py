@@ -3,6 +3,8 @@
   python -m distill label        teacher soft labels and rewrites for a train sample (cached, resumable)
   python -m distill teacher-eval teacher accuracy per prompt version on the dev (or test) split
   python -m distill train        fine-tune the student on human + teacher labels
+  python -m distill aspect-eval  aspect-level pair F1 of the student's method and of the teacher's aspect
+                                 prompt on a hand-written set (distill/aspects/eval.tsv), side by side
 
 With no --teacher-url (or SENTIMENT_TEACHER_URL) the embedded teacher is started on loopback.
 """
@@ -20,11 +22,14 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from distill.aspect_eval import ASPECT_SETS
 from distill.data import CACHE_DIR, LOADERS, WHEELS, DataError, Example, backbone_dir, load_all, sample
 from distill.teacher_labels import LabelCache, label_texts, summarise, text_hash
 from service.artifact import LABELS
 from service.hard_cases import rotated
 from service.prompts import PROMPTS
+from service.settings import DEFAULT_ASPECT_MODEL_DIR, DEFAULT_MODEL_DIR
+from service.taxonomy import DEFAULT_TAXONOMY
 from service.teacher import OK, TeacherClient
 from service.teacher_process import EmbeddedTeacher
 
@@ -102,6 +107,50 @@ async def _teacher_eval(args: argparse.Namespace) -> int:
                 table[version][source] = figures
     if args.student:
         table["student"] = student_table(args.student, examples)
+    print(json.dumps(table, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=2) + "\n")
+    return 0
+
+
+def cmd_aspect_eval(args: argparse.Namespace) -> int:
+    return asyncio.run(_aspect_eval(args))
+
+
+async def _aspect_eval(args: argparse.Namespace) -> int:
+    """The student-side method (the service's code, in process) and, unless --no-teacher, the teacher's
+    aspect prompt, on the same messages; teacher answers are cached like the other prompts."""
+    import time
+
+    from distill.aspect_analysis import student_aspects
+    from distill.aspect_eval import load_aspect_set, score_pairs
+    from service.artifact import load_artifact
+    from service.aspects import SentenceEncoder
+    from service.prompts import aspect_prompt
+    from service.runner import ModelRunner
+    from service.taxonomy import load_taxonomy
+
+    examples = load_aspect_set(args.set)
+    taxonomy = load_taxonomy(args.taxonomy)
+    texts, gold = [ex.text for ex in examples], [ex.gold for ex in examples]
+    predict = student_aspects(SentenceEncoder(args.encoder), taxonomy, ModelRunner(load_artifact(args.student)))
+    predict(texts[:8])  # warm
+    started = time.perf_counter()
+    predicted = [predict([text])[0] for text in texts]  # one message per call, as a request would
+    seconds = time.perf_counter() - started
+    table: dict[str, object] = {"set": str(args.set), "n": len(examples), "taxonomy": taxonomy.version,
+                                "student": {**score_pairs(gold, predicted),
+                                            "ms_per_message": round(1000 * seconds / len(texts), 2)}}
+    if not args.no_teacher:
+        prompt = aspect_prompt(taxonomy)
+        async with teacher_client(args) as client:
+            records = await label_texts(client, LabelCache(args.cache), [(t, None) for t in texts], prompt,
+                                        args.concurrency, aspects=taxonomy.names)
+        answers = [{a: pair[0] for a, pair in (r.get("aspects") or {}).items()} if r["outcome"] == OK else {}
+                   for r in records]
+        table["teacher"] = {**score_pairs(gold, answers), "prompt_version": prompt.version,
+                            "model": records[0]["teacher"] if records else None, **summarise(records)}
     print(json.dumps(table, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate_cmd.add_argument("--out", type=Path)
     evaluate_cmd.add_argument("--student", type=Path, help="also score this model directory on the same texts")
     evaluate_cmd.set_defaults(func=cmd_teacher_eval)
+
+    aspect_cmd = sub.add_parser("aspect-eval", parents=[common])
+    aspect_cmd.add_argument("--set", type=Path, default=ASPECT_SETS / "eval.tsv", help="an aspect TSV set")
+    aspect_cmd.add_argument("--taxonomy", type=Path, default=DEFAULT_TAXONOMY)
+    aspect_cmd.add_argument("--encoder", type=Path, default=DEFAULT_ASPECT_MODEL_DIR)
+    aspect_cmd.add_argument("--student", type=Path, default=DEFAULT_MODEL_DIR)
+    aspect_cmd.add_argument("--no-teacher", action="store_true", help="score the student's method only")
+    aspect_cmd.add_argument("--out", type=Path)
+    aspect_cmd.set_defaults(func=cmd_aspect_eval)
 
     train_cmd = sub.add_parser("train")
     train_cmd.add_argument("--sources", nargs="+", default=list(LOADERS), choices=list(LOADERS))

@@ -64,10 +64,11 @@ class LabelCache:
 
 
 async def label_texts(client: TeacherClient, cache: LabelCache, items: Sequence[tuple[str, str | None]],
-                      prompt: Prompt, concurrency: int = 2) -> list[dict[str, Any]]:
+                      prompt: Prompt, concurrency: int = 2, aspects: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Ask the teacher about each (text, human label) not yet cached; returns every record, in order.
 
-    For a rewrite prompt the human label (or the teacher's) names the sentiment to make clearer.
+    For a rewrite prompt the human label (or the teacher's) names the sentiment to make clearer; an
+    aspect prompt is answered with the taxonomy's `aspects` (its version names the taxonomy).
     """
     slots = asyncio.Semaphore(concurrency)
 
@@ -79,6 +80,8 @@ async def label_texts(client: TeacherClient, cache: LabelCache, items: Sequence[
         async with slots:
             if prompt.task == "rewrite":
                 answer = await client.rewrite(text, label or "its")
+            elif prompt.task == "aspects":
+                answer = await client.aspects(text, prompt, list(aspects))
             elif prompt.task == "explain":
                 answer = await client.explain(text, prompt)
             else:

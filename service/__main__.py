@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 from service.artifact import ArtifactError, load_artifact
+from service.aspects import check_aspect_config
 from service.drain import DRAIN_SIGNAL, Drain
 from service.lifetime import MASTER_PID_VARIABLE
 from service.logs import configure_logging
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         load_artifact(settings.model_dir)
+        if settings.aspects_enabled:
+            check_aspect_config(settings.aspect_model_dir, settings.aspect_taxonomy)
     except (ArtifactError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.artifact import load_artifact
+from service.aspects import check_aspect_config
 from service.disconnect import cancel_on_disconnect
 from service.errors import handle_exception
 from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
@@ -60,6 +61,8 @@ def timing_middleware(metrics: Metrics, draining: Callable[[], bool]):  # -> Cal
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     artifact = load_artifact(settings.model_dir)  # fails fast, naming the file, before anything binds
+    taxonomy = (check_aspect_config(settings.aspect_model_dir, settings.aspect_taxonomy)
+                if settings.aspects_enabled else None)
     metrics = Metrics()
 
     @get("/metrics", media_type=MediaType.TEXT, include_in_schema=False, sync_to_thread=False)
@@ -68,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with Scorer.started(settings, artifact, metrics) as scorer:
+        async with Scorer.started(settings, artifact, metrics, taxonomy) as scorer:
             app.state.scorer = scorer
             yield
 

@@ -46,7 +46,7 @@ _CLAUSE_BREAK = re.compile(
     r"|,\s+"  # at a comma
     r"|\s+(?=and\s+(?:the|my|your|their|it|i|we|they|he|she|his|her|our|then|nobody|no)\b)",  # and + new subject
     re.IGNORECASE)
-_TRIM = " \t\n.!?,;:"
+_TRIM = ".!?,;:"  # and whitespace
 ENCODE_CHUNK = 64  # clauses per encoder call: bounds one call's time and memory
 
 
@@ -59,9 +59,10 @@ def clauses(text: str) -> list[tuple[int, int]]:
     spans.append((start, len(text)))
     out = []
     for start, end in spans:
-        piece = text[start:end]
-        start += len(piece) - len(piece.lstrip(_TRIM))
-        end = start + len(text[start:end].rstrip(_TRIM))
+        while start < end and (text[start].isspace() or text[start] in _TRIM):
+            start += 1
+        while end > start and (text[end - 1].isspace() or text[end - 1] in _TRIM):
+            end -= 1
         if end > start and any(ch.isalnum() for ch in text[start:end]):
             out.append((start, end))
     return out

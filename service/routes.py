@@ -16,6 +16,7 @@ from litestar.openapi import ResponseSpec
 
 from service.errors import ErrorKind, ServiceError
 from service.schemas import (
+    AspectResult,
     ErrorBody,
     ExplainRequest,
     ExplainResponse,
@@ -105,13 +106,16 @@ class SentimentController(Controller):
           dto=SentimentRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS))
     async def score(self, data: SentimentRequest, scorer: Scorer) -> SentimentResponse:
         texts = check_texts(data, scorer.settings)
-        scored = await scorer.score(texts, data.fallback or scorer.settings.fallback)
+        scored = await scorer.score(texts, data.fallback or scorer.settings.fallback, data.aspects)
         manifest = scorer.artifact.manifest
         results = [SentimentResult(
             label=s.decision.prediction.label, score=s.decision.prediction.score,
             scores=s.decision.prediction.scores, source=s.decision.source, truncated=s.truncated,
             fallback=FallbackInfo(s.decision.reason, s.decision.outcome or "") if s.decision.reason else None,
         ) for s in scored]
+        if data.aspects:
+            for result, s in zip(results, scored, strict=True):
+                result.aspects = [AspectResult(o.aspect, o.label, o.score, o.span) for o in s.aspects or []]
         return SentimentResponse(model=ModelRef(manifest.name, manifest.version), results=results)
 
     @post("/sentiment/explain", status_code=200, summary="The teacher's label and rationale for one text",
@@ -128,7 +132,12 @@ class SentimentController(Controller):
     @get("/model", summary="The served model's manifest, and the execution layout chosen on this machine")
     async def model(self, scorer: Scorer) -> dict[str, Any]:
         layout = scorer.engine.layout.to_json() if scorer.engine else None
-        return {**scorer.artifact.manifest.to_json(), "serving": layout}
+        aspects = None
+        if scorer.aspects:
+            encoder = scorer.aspects.encoder.manifest
+            aspects = {"encoder": {"name": encoder.name, "version": encoder.version, "sha256": encoder.sha256},
+                       "taxonomy": scorer.aspects.taxonomy.to_json(), "threshold": scorer.aspects.threshold}
+        return {**scorer.artifact.manifest.to_json(), "serving": layout, "aspects": aspects}
 
 
 def admin_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:

@@ -234,7 +234,7 @@ class Scorer:
         current, fallback = self._require_ready()
         deadline = time.perf_counter() + self.settings.request_timeout_s
         located = await self._locate(texts, deadline) if aspects else None
-        regions, where = _regions(texts, located or [])
+        regions, where = _regions(texts, located) if located is not None else ([], [])
         async with current.in_use() as engine:
             encoded = await engine.encode(texts)
             extra = await engine.encode(regions) if regions else []

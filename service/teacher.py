@@ -22,6 +22,7 @@ from service.prompts import (
     DEFAULT_LABEL_PROMPT,
     DEFAULT_REWRITE_PROMPT,
     Prompt,
+    parse_aspects,
     parse_label,
     parse_reason,
     quote,
@@ -38,6 +39,13 @@ GBNF = {
 }
 
 
+def aspects_grammar(names: list[str]) -> str:
+    """llama.cpp grammar for the aspect answer: ` none`, or one to len(names) lines `aspect: label - reason`."""
+    aspects = " | ".join(f'"{name}"' for name in names)
+    return (f'root ::= " none" | line{{1,{len(names)}}}\n'
+            f'line ::= "\\n" ({aspects}) ": " ({_LABEL_ALTERNATIVES}) " - " [^\\n]{{3,100}}')
+
+
 @dataclass(frozen=True)
 class TeacherAnswer:
     outcome: str
@@ -45,6 +53,7 @@ class TeacherAnswer:
     probs: dict[str, float] | None = None
     rationale: str | None = None
     rewrite: str | None = None  # a rewritten text (never logged)
+    aspects: dict[str, list[str | None]] | None = None  # aspect -> [label, reason]
     seconds: float = 0.0
     detail: str | None = None
 
@@ -106,6 +115,33 @@ class TeacherClient:
     async def explain(self, text: str, prompt: Prompt = DEFAULT_EXPLAIN_PROMPT,
                       timeout: float | None = None) -> TeacherAnswer:
         return await self._ask(prompt, text, prompt.task, timeout)
+
+    async def aspects(self, text: str, prompt: Prompt, names: list[str],
+                      timeout: float | None = None) -> TeacherAnswer:
+        """The teacher's aspect-level analysis: {aspect: [label, reason]}, parsed strictly."""
+        started = time.perf_counter()
+        body: dict[str, Any] = {"max_tokens": prompt.max_tokens, "temperature": 0.0}
+        if self.api == "chat":
+            path, body["messages"] = "/v1/chat/completions", prompt.chat(text)
+        else:
+            path, body["prompt"], body["stop"] = "/v1/completions", prompt.completion(text), ["\n\n", "\nMessage:"]
+        if self.constraint == "gbnf":
+            body["grammar"] = aspects_grammar(names)
+        data, failure = await self._post(path, body, timeout)
+        seconds = time.perf_counter() - started
+        if failure:
+            return TeacherAnswer(outcome=failure[0], detail=failure[1], seconds=seconds)
+        try:
+            choice = data["choices"][0]
+            answer = str((choice["text"] if self.api != "chat" else choice["message"]["content"]) or "")
+        except OFF_FORMAT:
+            return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="response without choices")
+        if self.api == "chat":
+            answer = answer.strip().removeprefix(prompt.answer_prefix)
+        parsed = parse_aspects(answer, names)
+        if parsed is None:
+            return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="answer is not aspect lines or none")
+        return TeacherAnswer(outcome=OK, aspects={a: [lab, why] for a, (lab, why) in parsed.items()}, seconds=seconds)
 
     async def rewrite(self, text: str, label: str, prompt: Prompt = DEFAULT_REWRITE_PROMPT,
                       timeout: float | None = None) -> TeacherAnswer:
