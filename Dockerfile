@@ -16,9 +16,11 @@ RUN useradd --system --uid 10001 sentiment
 COPY --from=build /install /usr/local
 WORKDIR /app
 COPY models/sentiment-minilm-int8 ./models/sentiment-minilm-int8
+COPY models/aspect-minilm-int8 ./models/aspect-minilm-int8
 ENV SENTIMENT_HOST=0.0.0.0 \
     SENTIMENT_PORT=8000 \
     SENTIMENT_MODEL_DIR=/app/models/sentiment-minilm-int8 \
+    SENTIMENT_ASPECT_MODEL_DIR=/app/models/aspect-minilm-int8 \
     HF_HUB_OFFLINE=1 \
     PYTHONUNBUFFERED=1
 USER 10001

@@ -24,7 +24,8 @@ LLAMA_FLAGS_ID := $(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cpp-python-$(LLAMA_VERSION)-$(TEACHER_ISA)-$(LLAMA_FLAGS_ID)
 MODEL_DIR ?= models/sentiment-minilm-int8
 
-.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak dashboard clean print-settings
+.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak dashboard clean print-settings \
+	aspect-eval aspect-encoder
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -94,6 +95,16 @@ loadtest-compare: $(VENV)/.all  ## student-only vs auto fallback side by side (s
 bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and granian); teacher latency
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/teacher.py
+
+# Aspect-level sentiment: the student's method and the teacher's aspect prompt on the held-out set
+# (distill/aspects/eval.tsv; SET=distill/aspects/dev.tsv for the tuning set), and the encoder's export.
+SET ?= distill/aspects/eval.tsv
+aspect-eval: $(VENV)/.all  ## pair F1 per aspect and label, student and teacher side by side
+	$(BIN)/python -m distill aspect-eval --set $(SET) $(if $(TEACHER_URL),--teacher-url $(TEACHER_URL)) \
+		--out runs/aspects/$(notdir $(basename $(SET))).json
+
+aspect-encoder: $(VENV)/.all  ## re-export the aspect sentence encoder into models/aspect-minilm-int8 (gated)
+	$(BIN)/python -m export.encoder --out models/aspect-minilm-int8
 
 soak: $(VENV)/.all  ## 10 minutes at 80% of the service's capacity: memory growth and p99 drift (a benchmark)
 	$(BIN)/python bench/soak.py

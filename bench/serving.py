@@ -1,7 +1,8 @@
 """Serving benchmark, one run, one model file: in-process ONNX Runtime (the limit) vs the service over
 HTTP at 1, 8 and 64 concurrent clients, under granian and uvicorn, per layout, beside the peers a user
 might run instead (bench/peers.py: a plain server calling ONNX Runtime once per request, a transformers
-fp32 pipeline() server). Every measurement is taken `--rounds` times, interleaved across rows; prints
+fp32 pipeline() server), and the service with `"aspects": true` on every request (the aspect path's cost
+beside the plain one, same process). Every measurement is taken `--rounds` times, interleaved across rows; prints
 the medians and their ratios to the limit. The load comes from wrk (compiled) where installed, else from
 a bare asyncio client.
 
@@ -73,14 +74,14 @@ async def post_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return head.startswith(b"HTTP/1.1 200")
 
 
-async def load(url: str, clients: int, seconds: float) -> dict[str, float]:
+async def load(url: str, clients: int, seconds: float, extra: dict | None = None) -> dict[str, float]:
     """`clients` closed-loop keep-alive connections, one text per request; latency percentiles and texts/s.
 
     A bare asyncio HTTP/1.1 client: httpx costs more CPU per request than the service itself, which on
     a 2-core machine would measure the load generator instead of the server.
     """
     host, port = url.removeprefix("http://").split(":")
-    bodies = [orjson.dumps({"text": text}) for text in MESSAGES]
+    bodies = [orjson.dumps({"text": text, **(extra or {})}) for text in MESSAGES]
     latencies: list[float] = []
     errors = 0
     until = time.perf_counter() + seconds
@@ -124,9 +125,9 @@ end
 """
 
 
-def wrk_load(url: str, clients: int, seconds: float) -> dict[str, float]:
+def wrk_load(url: str, clients: int, seconds: float, extra: dict | None = None) -> dict[str, float]:
     """The same closed loop from wrk (compiled, one thread): the load generator costs the servers little CPU."""
-    bodies = ", ".join(f"[[{orjson.dumps({'text': text}).decode()}]]" for text in MESSAGES)
+    bodies = ", ".join(f"[[{orjson.dumps({'text': text, **(extra or {})}).decode()}]]" for text in MESSAGES)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_SCRIPT % bodies)
     try:
@@ -178,9 +179,13 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=["plain", "pipeline"], choices=["plain", "pipeline"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--loader", choices=["wrk", "python"], default="wrk" if WRK else "python")
+    parser.add_argument("--no-aspects", action="store_true", help="leave out the aspects-on row")
     args = parser.parse_args()
-    def run_load(url: str, clients: int, seconds: float) -> dict[str, float]:
-        return wrk_load(url, clients, seconds) if args.loader == "wrk" else asyncio.run(load(url, clients, seconds))
+
+    def run_load(url: str, clients: int, seconds: float, extra: dict) -> dict[str, float]:
+        if args.loader == "wrk":
+            return wrk_load(url, clients, seconds, extra)
+        return asyncio.run(load(url, clients, seconds, extra))
 
     services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     limit_rounds: list[dict[str, float]] = []
@@ -193,14 +198,17 @@ def main() -> None:
                 print(f"{server}/{name}: {httpx.get(f'{url}/v1/model').json()['serving']['reason']}", flush=True)
         for kind in args.peers:
             services[f"peer/{kind}"] = start_peer(kind, args.model)
-        rows = list(services.items())
+        rows = [(key, url, {}) for key, (_, url) in services.items()]
+        if not args.no_aspects:  # the first service again, every request asking for aspects
+            first, (_, url) = next(iter(services.items()))
+            rows.insert(1, (f"{first} +aspects", url, {"aspects": True}))
         for round_no in range(args.rounds):  # interleaved and rotated: drift and order hit every row alike
             limit_rounds.append(in_process(args.model, args.seconds))
-            for key, (_, url) in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
-                asyncio.run(load(url, 4, 0.5))  # warm connections and code paths
+            for key, url, extra in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
+                asyncio.run(load(url, 4, 0.5, extra))  # warm connections and code paths
                 figures = served.setdefault(key, {f"c{c}": [] for c in args.clients})
                 for clients in args.clients:
-                    figures[f"c{clients}"].append(run_load(url, clients, args.seconds))
+                    figures[f"c{clients}"].append(run_load(url, clients, args.seconds, extra))
     finally:
         for process, _ in services.values():
             process.terminate()
@@ -214,7 +222,7 @@ def main() -> None:
           f"{limit['single_p50_ms']:.2f} ms, batch 8 {limit['batch8_texts_per_s']:.0f} texts/s, "
           f"batch 32 {limit['batch32_texts_per_s']:.0f} texts/s")
     best = max(limit["batch8_texts_per_s"], limit["batch32_texts_per_s"])
-    header = f"{'row':20} {'c1 p50 ms':>9} {'c1/ORT':>7}"
+    header = f"{'row':24} {'c1 p50 ms':>9} {'c1/ORT':>7}"
     for clients in args.clients[1:]:
         header += f" {f'c{clients} texts/s':>13} {f'c{clients} p99 ms':>11}"
     print(header + f" {'top/limit':>9}")
@@ -222,7 +230,7 @@ def main() -> None:
         if name == "in_process":
             continue
         c1 = figures[f"c{args.clients[0]}"]
-        line = f"{name:20} {c1['p50_ms']:9.2f} {c1['p50_ms'] / limit['single_p50_ms']:7.2f}"
+        line = f"{name:24} {c1['p50_ms']:9.2f} {c1['p50_ms'] / limit['single_p50_ms']:7.2f}"
         for clients in args.clients[1:]:
             line += f" {figures[f'c{clients}']['texts_per_s']:13.0f} {figures[f'c{clients}']['p99_ms']:11.1f}"
         top = max(f["texts_per_s"] for f in figures.values())

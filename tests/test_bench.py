@@ -19,8 +19,8 @@ def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, l
                         "--loader", loader, timeout=300)
     table = result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1]
     figures = json.loads(table)
-    assert set(figures) == {"in_process", "granian/auto", "granian/1x1", "peer/plain"}
-    for key in ("granian/auto", "granian/1x1", "peer/plain"):
+    assert set(figures) == {"in_process", "granian/auto", "granian/auto +aspects", "granian/1x1", "peer/plain"}
+    for key in ("granian/auto", "granian/auto +aspects", "granian/1x1", "peer/plain"):
         assert figures[key]["c1"]["texts_per_s"] > 0 and figures[key]["c8"]["errors"] == 0
         assert figures[key]["c8"]["p50_ms"] <= figures[key]["c8"]["p99_ms"]
     assert "medians of 2 interleaved rounds" in result.stdout and f"load from {loader}" in result.stdout
