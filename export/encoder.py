@@ -57,7 +57,7 @@ def export_encoder(out: Path, threshold: float, top_k: int, max_tokens: int, min
         student = ModelRunner(load_artifact(DEFAULT_MODEL_DIR))
         taxonomy = load_taxonomy(DEFAULT_TAXONOMY)
         sweep = {}
-        for candidate in (0.25, 0.3, 0.35, 0.4):
+        for candidate in sorted({threshold, 0.2, 0.25, 0.3, 0.35, 0.4}):
             model = student_aspects(SentenceEncoder(out), taxonomy, student, threshold=candidate)
             sweep[str(candidate)] = evaluate(dev, model)["pairs"]["f1"]
         fp32_f1 = evaluate(dev, student_aspects(SentenceEncoder(fp32_dir), taxonomy, student))["pairs"]["f1"]
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.encoder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/aspect-minilm-int8"))
-    parser.add_argument("--threshold", type=float, default=0.3, help="aspect similarity threshold (tuned on dev)")
+    parser.add_argument("--threshold", type=float, default=0.25, help="aspect similarity threshold (tuned on dev)")
     parser.add_argument("--top-k", type=int, default=2, help="an aspect's similarity: mean of its top-k phrases")
     parser.add_argument("--max-tokens", type=int, default=128, help="clause token budget")
     parser.add_argument("--min-cosine", type=float, default=0.98, help="gate: median int8/fp32 cosine on dev clauses")

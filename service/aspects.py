@@ -47,7 +47,6 @@ _CLAUSE_BREAK = re.compile(
     r"|\s+(?=and\s+(?:the|my|your|their|it|i|we|they|he|she|his|her|our|then|nobody|no)\b)",  # and + new subject
     re.IGNORECASE)
 _TRIM = ".!?,;:"  # and whitespace
-ENCODE_CHUNK = 64  # clauses per encoder call: bounds one call's time and memory
 
 
 def clauses(text: str) -> list[tuple[int, int]]:
@@ -103,7 +102,12 @@ def load_encoder_manifest(directory: Path) -> EncoderManifest:
 
 
 class SentenceEncoder:
-    """Texts to unit-length sentence embeddings: ONNX Runtime, mean pooling over real tokens."""
+    """Texts to unit-length sentence embeddings: ONNX Runtime, mean pooling over real tokens.
+
+    One text per ONNX Runtime call: dynamic int8 quantizes activations with one scale per batch tensor,
+    so a batched clause's embedding would depend on its neighbours and their padding (on dev that cost a
+    point of pair F1 and made answers vary with the request around them). Clauses are short: ~1 ms each.
+    """
 
     def __init__(self, directory: Path, threads: int = 0) -> None:
         from service.runner import session_options  # one place for ORT's threading choices
@@ -116,16 +120,17 @@ class SentenceEncoder:
         self._inputs = {item.name for item in self.session.get_inputs()}
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
-        input_ids, mask = self.tokens.pad([enc.ids for enc in self.tokens.encode(texts)])
-        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        """(len(texts) × dim) unit vectors; each text alone through the model (see the class docstring)."""
+        rows = [self._embed_one(enc.ids) for enc in self.tokens.encode(texts)]
+        return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    def _embed_one(self, ids: list[int]) -> np.ndarray:
+        input_ids = np.array([ids], dtype=np.int64)
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        hidden = self.session.run(None, feeds)[0]
-        weights = mask[..., None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        pooled = self.session.run(None, feeds)[0][0].mean(axis=0)
+        return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -201,9 +206,7 @@ class AspectModel:
         pieces = [text[s:e] for text, text_spans in zip(texts, spans, strict=True) for s, e in text_spans]
         if not pieces:
             return [[] for _ in texts]
-        embeddings = np.concatenate([self.encoder.embed(pieces[i:i + ENCODE_CHUNK])
-                                     for i in range(0, len(pieces), ENCODE_CHUNK)])
-        scores = self.similarities(embeddings)
+        scores = self.similarities(self.encoder.embed(pieces))
         out, row = [], 0
         for text, text_spans in zip(texts, spans, strict=True):
             found: list[tuple[int, int, float]] = []  # (clause index, aspect index, similarity)
