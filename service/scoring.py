@@ -27,6 +27,7 @@ from service.engine import Engine
 from service.errors import ErrorKind, ServiceError
 from service.fallback import BUSY, Fallback, FallbackDecision, teacher_prediction
 from service.hard_cases import HardCaseLog
+from service.layout import available_cores
 from service.metrics import Metrics
 from service.runner import ModelRunner, Prediction
 from service.settings import Settings
@@ -49,7 +50,9 @@ class Scorer:
                  taxonomy: Taxonomy | None = None) -> None:
         self.settings, self.artifact, self.metrics, self.taxonomy = settings, artifact, metrics, taxonomy
         self.aspects: AspectModel | None = None  # with a taxonomy: loaded beside the engine, before ready
-        self._aspect_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aspects")
+        # Clauses run one per call (service/aspects.py), too short for intra-op threads to help: one ORT
+        # thread per call, and one call in flight per core.
+        self._aspect_executor = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="aspects")
         self.engine: Engine | None = None
         self.teacher: TeacherClient | None = None
         self.fallback: Fallback | None = None
@@ -163,7 +166,7 @@ class Scorer:
         (measured on each aspect's own terms; remeasured when the student is reloaded)."""
         assert self.taxonomy is not None
         encoder = (self.aspects.encoder if self.aspects
-                   else SentenceEncoder(self.settings.aspect_model_dir))
+                   else SentenceEncoder(self.settings.aspect_model_dir, threads=1))
         model = AspectModel(encoder, self.taxonomy)
         model.set_priors(np.stack([student.probabilities([e.ids for e in student.encode(terms)]).mean(axis=0)
                                    for terms in model.prior_texts()]))
