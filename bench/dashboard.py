@@ -110,7 +110,8 @@ def _heatmap(axes: Any, series: list[tuple[dict[str, Any], dict[str, Any]]], sta
 
 async def drive(url: str, steps: list[tuple[int, float]]) -> dict[str, int]:
     """Stepped closed-loop traffic (users, seconds): 15% of requests ask for the automatic fallback and 5%
-    force the teacher, and one user asks for an explanation every few seconds. Answers by status code."""
+    force the teacher, a third ask for aspects, and one user asks for an explanation every few seconds.
+    Answers by status code."""
     statuses: dict[str, int] = {}
     rng = random.Random(7)
 
@@ -118,7 +119,8 @@ async def drive(url: str, steps: list[tuple[int, float]]) -> dict[str, int]:
         while time.monotonic() < until:
             draw = rng.random()
             body = {"texts": rng.sample(MESSAGES, rng.randint(1, 3)),
-                    "fallback": "always" if draw < 0.05 else "auto" if draw < 0.2 else "never"}
+                    "fallback": "always" if draw < 0.05 else "auto" if draw < 0.2 else "never",
+                    "aspects": rng.random() < 0.33}
             status = (await client.post("/v1/sentiment", json=body)).status_code
             statuses[str(status)] = statuses.get(str(status), 0) + 1
 

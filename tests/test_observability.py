@@ -99,7 +99,7 @@ def test_the_dashboard_is_well_formed() -> None:
             assert target["datasource"]["uid"] == "${datasource}" and target["expr"].strip()
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("request rate", "latency", "queue wait", "batch size", "label and source", "confidence",
-                  "fallbacks", "teacher latency", "teacher state"):
+                  "fallbacks", "teacher latency", "teacher state", "aspect"):
         assert topic in titles, topic
     provisioned = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert variables["datasource"]["current"]["value"] == provisioned["datasources"][0]["uid"]
@@ -132,7 +132,8 @@ def traffic(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             for i in range(40):
                 texts = ["great, thanks", "awful, nobody answers", "where is my order?"][: 1 + i % 3]
                 fallback = ("never", "auto", "always")[i % 3]
-                assert client.post("/v1/sentiment", json={"texts": texts, "fallback": fallback}).status_code == 200
+                assert client.post("/v1/sentiment", json={"texts": texts, "fallback": fallback,
+                                                          "aspects": i % 2 == 0}).status_code == 200
                 assert client.post("/v1/sentiment", json={"texts": []}).status_code == 422
                 if i % 10 == 0:
                     assert client.post("/v1/sentiment/explain", json={"text": "meh"}).status_code == 503
