@@ -238,6 +238,12 @@ class Scorer:
         deadline = time.perf_counter() + self.settings.request_timeout_s
         located = await self._locate(texts, deadline) if aspects else None
         regions, where = _regions(texts, located) if located is not None else ([], [])
+        if len(texts) + len(regions) > self.settings.queue_size:  # could never be queued: say so, not 503
+            most = self.settings.queue_size - len(texts)
+            message = (f"the texts hold {len(regions)} aspect clauses to score, at most {most} with "
+                       f"{len(texts)} texts (SENTIMENT_QUEUE_SIZE); send fewer texts per request")
+            raise ServiceError(ErrorKind.INVALID_REQUEST, f"aspects: {message}",
+                               [{"field": "aspects", "message": message}])
         async with current.in_use() as engine:
             encoded = await engine.encode(texts)
             extra = await engine.encode(regions) if regions else []

@@ -211,6 +211,17 @@ def test_model_route_reports_the_encoder_and_taxonomy(committed: Service) -> Non
     assert aspects["encoder"]["name"] == "aspect-minilm-int8" and 0 < aspects["threshold"] < 1
 
 
+def test_a_request_whose_aspect_clauses_cannot_fit_the_queue_is_a_clear_422(tmp_path: Path) -> None:
+    with running_service(DEFAULT_MODEL_DIR, tmp_path, SENTIMENT_QUEUE_SIZE="4", SENTIMENT_MAX_TEXTS="4") as svc, \
+            svc.client() as client:
+        fits = client.post("/v1/sentiment", json={"texts": [HEADLINE], "aspects": True})
+        too_many = client.post("/v1/sentiment", json={"texts": [HEADLINE] * 3, "aspects": True})
+    assert fits.status_code == 200 and len(fits.json()["results"][0]["aspects"]) == 2
+    assert too_many.status_code == 422
+    error = too_many.json()["error"]
+    assert error["details"][0]["field"] == "aspects" and "SENTIMENT_QUEUE_SIZE" in error["message"]
+
+
 def test_custom_taxonomy_file_over_http(tmp_path: Path) -> None:
     path = tmp_path / "restaurant.toml"
     path.write_text(RESTAURANT)
