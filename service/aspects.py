@@ -20,7 +20,9 @@ A new taxonomy file changes steps 2 and 4 only: no retraining.
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,23 +201,26 @@ class AspectModel:
             out[:, group] = columns[:, -self.top_k:].mean(axis=1)
         return out
 
-    def locate(self, texts: Sequence[str]) -> list[list[AspectClause]]:
-        """Per text, its aspect clauses with their regions (step 1-3 of the method, without the student)."""
-        spans = [clauses(text) for text in texts]
-        pieces = [text[s:e] for text, text_spans in zip(texts, spans, strict=True) for s, e in text_spans]
-        if not pieces:
-            return [[] for _ in texts]
-        scores = self.similarities(self.encoder.embed(pieces))
-        out, row = [], 0
-        for text_spans in spans:
+    def locate(self, texts: Sequence[str], deadline: float = math.inf) -> list[list[AspectClause]]:
+        """Per text, its aspect clauses with their regions (step 1-3 of the method, without the student).
+        Past `deadline` (time.perf_counter()) it stops between texts with TimeoutError: a request already
+        answered 504 does not keep an encoder thread busy."""
+        out = []
+        for text in texts:
+            if time.perf_counter() > deadline:
+                raise TimeoutError("aspect deadline passed")
+            spans = clauses(text)
+            if not spans:
+                out.append([])
+                continue
+            scores = self.similarities(self.encoder.embed([text[s:e] for s, e in spans]))
             found: list[tuple[int, int, float]] = []  # (clause index, aspect index, similarity)
-            for i in range(len(text_spans)):
-                best = int(scores[row + i, :-1].argmax())
-                similarity = float(scores[row + i, best])
-                if similarity >= self.threshold and similarity > scores[row + i, -1]:
+            for i in range(len(spans)):
+                best = int(scores[i, :-1].argmax())
+                similarity = float(scores[i, best])
+                if similarity >= self.threshold and similarity > scores[i, -1]:
                     found.append((i, best, similarity))
-            row += len(text_spans)
-            out.append([self._clause(text_spans, found, n) for n in range(len(found))])
+            out.append([self._clause(spans, found, n) for n in range(len(found))])
         return out
 
     def _clause(self, spans: list[tuple[int, int]], found: list[tuple[int, int, float]], n: int) -> AspectClause:

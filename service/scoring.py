@@ -272,7 +272,8 @@ class Scorer:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(max(0.0, deadline - started)):
-                located = await asyncio.get_running_loop().run_in_executor(self._aspect_executor, model.locate, texts)
+                located = await asyncio.get_running_loop().run_in_executor(self._aspect_executor, model.locate,
+                                                                           texts, deadline)
         except TimeoutError:
             raise ServiceError(ErrorKind.DEADLINE, "request deadline exceeded while locating aspects") from None
         self.metrics.aspect_duration.observe(time.perf_counter() - started)

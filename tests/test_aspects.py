@@ -133,6 +133,14 @@ def test_aspect_clauses_and_regions(aspect_model: AspectModel) -> None:
     assert located[1] == []
 
 
+def test_locate_stops_at_the_deadline(aspect_model: AspectModel) -> None:
+    import time
+
+    with pytest.raises(TimeoutError):
+        aspect_model.locate([HEADLINE] * 3, deadline=time.perf_counter() - 1)
+    assert len(aspect_model.locate([HEADLINE], deadline=time.perf_counter() + 60)) == 1
+
+
 def test_region_takes_in_the_aspect_less_verdict_after_it(aspect_model: AspectModel) -> None:
     text = "My parcel arrived two days early, great job!"
     [clause] = aspect_model.locate([text])[0]
