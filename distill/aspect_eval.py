@@ -2,7 +2,8 @@
 
 Sets are hand-written TSV files in distill/aspects/: `text<TAB>gold`, gold = space-separated
 `aspect+` (positive), `aspect-` (negative), `aspect~` (neutral); empty gold: no opinion about any aspect.
-`dev.tsv` is for tuning (thresholds, prompts, taxonomy examples); `eval.tsv` is held out.
+`dev.tsv` is for tuning (thresholds, prompts, taxonomy examples); `eval.tsv` is held out; `probe.tsv`, in
+another style (chat, e-mails), was written after the method was frozen.
 
 Pair scores count an (aspect, label) pair right only when both match; neutral pairs, gold or
 predicted, are not counted (a mention without an opinion is not a finding).

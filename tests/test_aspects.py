@@ -294,11 +294,13 @@ def test_real_teacher_answers_the_aspect_prompt(teacher) -> None:
 def test_evaluation_sets_are_large_varied_disjoint_and_use_the_taxonomy() -> None:
     names = set(load_taxonomy(DEFAULT_TAXONOMY).names)
     evaluation, dev = load_aspect_set(ASPECT_SETS / "eval.tsv"), load_aspect_set(ASPECT_SETS / "dev.tsv")
+    probe = load_aspect_set(ASPECT_SETS / "probe.tsv")
     assert len(evaluation) >= 300
     assert sum(len(ex.gold) >= 2 for ex in evaluation) >= 50 and sum(len(ex.gold) == 3 for ex in evaluation) >= 5
     assert sum(not ex.gold for ex in evaluation) >= 20
-    assert all(set(ex.gold) <= names for ex in evaluation + dev)
+    assert all(set(ex.gold) <= names for ex in evaluation + dev + probe)
     assert not {ex.text for ex in evaluation} & {ex.text for ex in dev}
+    assert not {ex.text for ex in probe} & ({ex.text for ex in dev} | {ex.text for ex in evaluation})
     assert len({ex.text for ex in evaluation}) == len(evaluation)
 
 
