@@ -3,7 +3,8 @@ message is about, and its polarity.
 
 The method (README, "Aspects"; chosen by measurement on distill/aspects/dev.tsv):
 1. split the message into clauses: sentences, contrast words (but, however, although, ...), commas, and
-   `and` before a new subject ("... and the driver was rude");
+   `and` before a new subject ("... and the driver was rude", "... and delivery was fast", "... and
+   arrived on time");
 2. embed each clause with a sentence encoder (all-MiniLM-L6-v2, int8, mean pooling) and compare it
    with the taxonomy's phrases (name, description terms, examples) and with phrases that name no
    aspect ("thanks", "great job"); a clause carries the aspect whose phrases it is closest to, when
@@ -45,7 +46,9 @@ _CLAUSE_BREAK = re.compile(
     r"(?<=[.!?;:])\s+"  # after a sentence or a semicolon
     r"|\s*,?\s+(?=(?:but|however|although|though|whereas|yet)\b)"  # before a contrast word
     r"|,\s+"  # at a comma
-    r"|\s+(?=and\s+(?:the|my|your|their|it|i|we|they|he|she|his|her|our|then|nobody|no)\b)",  # and + new subject
+    r"|\s+(?=and\s+(?:the|my|your|their|it|i|we|they|he|she|his|her|our|then|nobody|no)\b)"  # and + new subject
+    r"|\s+(?=and\s+(?:\w+\s+)?(?:was|were|is|are|has|had|have|came|arrived|took|kept|broke|stopped|works|worked"
+    r"|got|never|still|didn't|doesn't|isn't|wasn't)\b)",  # and + a bare noun and a verb, or a verb alone
     re.IGNORECASE)
 _TRIM = ".!?,;:"  # and whitespace
 

@@ -45,6 +45,14 @@ def test_clauses_split_at_contrast_commas_and_new_subjects() -> None:
     assert pieces == ["The courier was late", "but the driver was polite", "and the box was fine", "Thanks"]
 
 
+def test_clauses_split_at_and_before_a_bare_noun_and_verb_or_a_verb_alone() -> None:
+    for text, pieces in (("website is easy to use and delivery was fast", ["website is easy to use",
+                                                                          "and delivery was fast"]),
+                         ("the flowers were gorgeous and arrived on time", ["the flowers were gorgeous",
+                                                                           "and arrived on time"])):
+        assert [text[s:e] for s, e in clauses(text)] == pieces
+
+
 def test_clauses_keep_and_inside_a_phrase() -> None:
     text = "fast and reliable shipping"
     assert [text[s:e] for s, e in clauses(text)] == [text]
