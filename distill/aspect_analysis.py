@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import numpy as np
-
 from distill.aspect_eval import Pairs
 from service.aspects import AspectModel, SentenceEncoder
 from service.runner import ModelRunner
@@ -19,8 +17,7 @@ def student_aspects(encoder: SentenceEncoder, taxonomy: Taxonomy, student: Model
     if threshold is not None:
         taxonomy = dataclasses.replace(taxonomy, threshold=threshold)
     model = AspectModel(encoder, taxonomy)
-    model.set_priors(np.stack([student.probabilities([e.ids for e in student.encode(texts)]).mean(axis=0)
-                               for texts in model.prior_texts()]))
+    model.measure_priors(student)
 
     def predict(texts: list[str]) -> list[Pairs]:
         out = []

@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.artifact import LABELS, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ArtifactError, sha256_of
+from service.runner import ModelRunner, session_options
 from service.taxonomy import Taxonomy, load_taxonomy
 from service.tokenization import TextEncoder
 
@@ -114,8 +115,6 @@ class SentenceEncoder:
     """
 
     def __init__(self, directory: Path, threads: int = 0) -> None:
-        from service.runner import session_options  # one place for ORT's threading choices
-
         self.directory = directory
         self.manifest = load_encoder_manifest(directory)
         self.tokens = TextEncoder(directory / TOKENIZER_FILE, self.manifest.max_tokens)
@@ -170,15 +169,13 @@ class AspectModel:
         self._groups = len(groups)
         self._priors: dict[str, np.ndarray] = {}
 
-    def prior_texts(self) -> list[list[str]]:
-        """Per aspect, its opinion-free terms (name and description): the student's prior is measured on them."""
-        return [[aspect.name.replace("_", " "),
-                 *filter(None, (t.strip() for t in re.split(r"[,;:]", aspect.description)))]
-                for aspect in self.taxonomy.aspects]
-
-    def set_priors(self, priors: np.ndarray) -> None:
-        """(aspects × 3) mean student probabilities over each aspect's `prior_texts`, in LABELS order."""
-        self._priors = {aspect.name: row for aspect, row in zip(self.taxonomy.aspects, priors, strict=True)}
+    def measure_priors(self, student: ModelRunner) -> None:
+        """Per aspect, the student's mean (negative, neutral, positive) over the aspect's opinion-free terms
+        (its name and description terms): the polarity prior `opinions` divides out."""
+        for aspect in self.taxonomy.aspects:
+            terms = [aspect.name.replace("_", " "), *filter(None, (t.strip() for t in re.split(r"[,;:]",
+                                                                                         aspect.description)))]
+            self._priors[aspect.name] = student.probabilities([e.ids for e in student.encode(terms)]).mean(axis=0)
 
     def opinions(self, located: Sequence[AspectClause], probs: Sequence[np.ndarray]) -> list[AspectOpinion]:
         """Polar opinions, one per aspect (the most confident), in text order; `probs` are the student's

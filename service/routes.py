@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from litestar import Controller, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -112,10 +113,9 @@ class SentimentController(Controller):
             label=s.decision.prediction.label, score=s.decision.prediction.score,
             scores=s.decision.prediction.scores, source=s.decision.source, truncated=s.truncated,
             fallback=FallbackInfo(s.decision.reason, s.decision.outcome or "") if s.decision.reason else None,
+            aspects=msgspec.UNSET if s.aspects is None else [AspectResult(o.aspect, o.label, o.score, o.span)
+                                                             for o in s.aspects],
         ) for s in scored]
-        if data.aspects:
-            for result, s in zip(results, scored, strict=True):
-                result.aspects = [AspectResult(o.aspect, o.label, o.score, o.span) for o in s.aspects or []]
         return SentimentResponse(model=ModelRef(manifest.name, manifest.version), results=results)
 
     @post("/sentiment/explain", status_code=200, summary="The teacher's label and rationale for one text",

@@ -168,8 +168,7 @@ class Scorer:
         encoder = (self.aspects.encoder if self.aspects
                    else SentenceEncoder(self.settings.aspect_model_dir, threads=1))
         model = AspectModel(encoder, self.taxonomy)
-        model.set_priors(np.stack([student.probabilities([e.ids for e in student.encode(terms)]).mean(axis=0)
-                                   for terms in model.prior_texts()]))
+        model.measure_priors(student)
         model.locate(["The parcel came late, but the support team was great."])  # warm the encoder
         for aspect in self.taxonomy.names:  # every series exists from the start: dashboards see zeros
             for label in ("negative", "positive"):
@@ -245,10 +244,10 @@ class Scorer:
             raise ServiceError(ErrorKind.INVALID_REQUEST, f"aspects: {message}",
                                [{"field": "aspects", "message": message}])
         async with current.in_use() as engine:
-            encoded = await engine.encode(texts)
-            extra = await engine.encode(regions) if regions else []
+            everything = await engine.encode([*texts, *regions])  # the regions ride in the request's batch
+            encoded = everything[:len(texts)]
             try:
-                predictions = await engine.infer([*encoded, *extra], deadline)
+                predictions = await engine.infer(everything, deadline)
             except ServiceError as exc:
                 if exc.kind is not ErrorKind.INTERNAL or self.teacher is None or aspects:
                     raise

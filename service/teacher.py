@@ -119,26 +119,12 @@ class TeacherClient:
     async def aspects(self, text: str, prompt: Prompt, names: list[str],
                       timeout: float | None = None) -> TeacherAnswer:
         """The teacher's aspect-level analysis: {aspect: [label, reason]}, parsed strictly."""
-        started = time.perf_counter()
-        body: dict[str, Any] = {"max_tokens": prompt.max_tokens, "temperature": 0.0}
-        if self.api == "chat":
-            path, body["messages"] = "/v1/chat/completions", prompt.chat(text)
-        else:
-            path, body["prompt"], body["stop"] = "/v1/completions", prompt.completion(text), ["\n\n", "\nMessage:"]
-        if self.constraint == "gbnf":
-            body["grammar"] = aspects_grammar(names)
-        data, failure = await self._post(path, body, timeout)
-        seconds = time.perf_counter() - started
-        if failure:
-            return TeacherAnswer(outcome=failure[0], detail=failure[1], seconds=seconds)
-        try:
-            choice = data["choices"][0]
-            answer = str((choice["text"] if self.api != "chat" else choice["message"]["content"]) or "")
-        except OFF_FORMAT:
-            return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="response without choices")
-        if self.api == "chat":
-            answer = answer.strip().removeprefix(prompt.answer_prefix)
-        parsed = parse_aspects(answer, names)
+        reply = await self._complete(prompt, text, timeout, {"grammar": aspects_grammar(names)}
+                                     if self.constraint == "gbnf" else {})
+        if isinstance(reply, TeacherAnswer):
+            return reply
+        _, answer, seconds = reply
+        parsed = parse_aspects(answer.strip().removeprefix(prompt.answer_prefix), names)
         if parsed is None:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="answer is not aspect lines or none")
         return TeacherAnswer(outcome=OK, aspects={a: [lab, why] for a, (lab, why) in parsed.items()}, seconds=seconds)
@@ -162,19 +148,19 @@ class TeacherClient:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="empty, unchanged or runaway")
         return TeacherAnswer(outcome=OK, label=label, rewrite=answer, seconds=seconds)
 
-    async def _ask(self, prompt: Prompt, text: str, task: str, timeout: float | None) -> TeacherAnswer:
+    async def _complete(self, prompt: Prompt, text: str, timeout: float | None, extra: dict[str, Any],
+                        logprobs: bool = False) -> tuple[dict[str, Any], str, float] | TeacherAnswer:
+        """One few-shot call in the configured API: (choice, answer text, seconds), or the failure."""
         started = time.perf_counter()
-        body: dict[str, Any] = {"max_tokens": prompt.max_tokens, "temperature": 0.0}
+        body: dict[str, Any] = {"max_tokens": prompt.max_tokens, "temperature": 0.0, **extra}
         if self.api == "chat":
-            path, body["messages"], body["logprobs"], body["top_logprobs"] = (
-                "/v1/chat/completions", prompt.chat(text), True, 5)
+            path, body["messages"] = "/v1/chat/completions", prompt.chat(text)
+            if logprobs:
+                body["logprobs"], body["top_logprobs"] = True, 5
         else:
-            path, body["prompt"], body["logprobs"] = "/v1/completions", prompt.completion(text), 5
-            body["stop"] = ["\n\n", "\nMessage:"]
-        if self.constraint == "gbnf":
-            body["grammar"] = GBNF[task]
-        elif self.constraint == "vllm" and task == "label":
-            body["guided_choice"] = [f" {label}" for label in LABELS]
+            path, body["prompt"], body["stop"] = "/v1/completions", prompt.completion(text), ["\n\n", "\nMessage:"]
+            if logprobs:
+                body["logprobs"] = 5
         data, failure = await self._post(path, body, timeout)
         seconds = time.perf_counter() - started
         if failure:
@@ -184,6 +170,18 @@ class TeacherClient:
             answer = str((choice["text"] if self.api != "chat" else choice["message"]["content"]) or "")
         except OFF_FORMAT:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="response without choices")
+        return choice, answer, seconds
+
+    async def _ask(self, prompt: Prompt, text: str, task: str, timeout: float | None) -> TeacherAnswer:
+        extra: dict[str, Any] = {}
+        if self.constraint == "gbnf":
+            extra["grammar"] = GBNF[task]
+        elif self.constraint == "vllm" and task == "label":
+            extra["guided_choice"] = [f" {label}" for label in LABELS]
+        reply = await self._complete(prompt, text, timeout, extra, logprobs=True)
+        if isinstance(reply, TeacherAnswer):
+            return reply
+        choice, answer, seconds = reply
         label = parse_label(answer)
         if label is None:
             return TeacherAnswer(outcome=UNPARSEABLE, seconds=seconds, detail="answer outside the label set")

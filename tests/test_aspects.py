@@ -120,16 +120,11 @@ def test_service_refuses_to_start_with_a_bad_taxonomy(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def aspect_model() -> AspectModel:
-    import numpy as np
-
     from service.artifact import load_artifact
     from service.runner import ModelRunner
 
     model = AspectModel(SentenceEncoder(DEFAULT_ASPECT_MODEL_DIR), load_taxonomy(DEFAULT_TAXONOMY))
-    student = ModelRunner(load_artifact(DEFAULT_MODEL_DIR))
-    model.set_priors(np.stack([student.probabilities([e.ids for e in student.encode(t)]).mean(axis=0)
-                               for t in model.prior_texts()]))
-    model.student = student  # type: ignore[attr-defined]
+    model.measure_priors(ModelRunner(load_artifact(DEFAULT_MODEL_DIR)))
     return model
 
 
