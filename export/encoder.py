@@ -37,12 +37,11 @@ def export_encoder(out: Path, threshold: float, top_k: int, max_tokens: int, min
 
     source = backbone_dir()
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_dir, int8_dir = Path(tmp) / "fp32", Path(tmp) / "int8"
+        fp32_dir = Path(tmp) / "fp32"
         main_export(str(source), output=fp32_dir, task="feature-extraction", do_validation=False,
                     local_files_only=True)
-        quantized, quantization = quantize_int8(fp32_dir, int8_dir, "avx2", per_channel=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / MODEL_FILE).write_bytes(quantized.read_bytes())
+        quantization = quantize_int8(fp32_dir / MODEL_FILE, out / MODEL_FILE, "u8")
         copy_tokenizer(source, out)
         manifest = {"name": out.name, "version": "1", "kind": "sentence-encoder", "pooling": "mean",
                     "normalized": True, "max_tokens": max_tokens, "threshold": threshold, "top_k": top_k,

@@ -1,4 +1,4 @@
-"""Checkpoint -> fp32 ONNX (optimum) -> dynamic int8 (config chosen from the CPU's flags)."""
+"""Checkpoint -> fp32 ONNX (optimum) -> dynamic int8 (ONNX Runtime's quantizer)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from service.artifact import TOKENIZER_FILE
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def quantization_target(flags: set[str] | None = None) -> str:
-    """avx512_vnni (s8 weights) where the CPU has VNNI, else avx2 (u8 weights); arm64 on ARM."""
-    import platform
-
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "arm64"
-    flags = cpu_flags() if flags is None else flags
-    if "avx512_vnni" in flags or "avx512vnni" in flags:
-        return "avx512_vnni"
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2"
 
 
 def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
@@ -55,22 +31,19 @@ def ffn_output_nodes(model_path: Path) -> list[str]:
             if n.op_type == "MatMul" and n.name.endswith("/output/dense/MatMul") and "/attention/" not in n.name]
 
 
-def quantize_int8(fp32_dir: Path, out_dir: Path, target: str, per_channel: bool,
-                  exclude: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Dynamic int8 with optimum's per-ISA config; returns the model path and the config recorded."""
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+def quantize_int8(fp32_path: Path, out_path: Path, weights: str, per_channel: bool = True,
+                  exclude: list[str] | None = None) -> dict[str, Any]:
+    """Dynamic int8 (ONNX Runtime's quantizer) of every MatMul with constant weights and of the embedding
+    Gathers; `weights` 'u8' runs exactly on every CPU, 's8' needs VNNI or AMX (service/artifact.py).
+    Returns the config recorded in the manifest."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    config = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=per_channel,
-                                                      nodes_to_exclude=exclude or [])
-    quantizer = ORTQuantizer.from_pretrained(fp32_dir, file_name="model.onnx")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    quantizer.quantize(save_dir=out_dir, quantization_config=config)
-    quantized = out_dir / "model_quantized.onnx"
-    record = {"mode": "dynamic-int8", "target": target, "per_channel": per_channel,
-              "weights": str(config.weights_dtype.name), "activations": str(config.activations_dtype.name),
-              "operators": sorted(config.operators_to_quantize), "fp32_nodes": sorted(exclude or [])}
-    return quantized, record
+    operators = ["MatMul", "Gather"]
+    quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=operators, per_channel=per_channel,
+                     weight_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[weights],
+                     nodes_to_exclude=exclude or [], extra_options={"MatMulConstBOnly": True})
+    return {"mode": "dynamic-int8", "weights": weights, "activations": "u8", "per_channel": per_channel,
+            "operators": operators, "fp32_nodes": sorted(exclude or [])}
 
 
 def copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = Settings.from_env()
-        load_artifact(settings.model_dir)
+        load_artifact(settings.model_dir, variant=settings.model_variant)
         if settings.aspects_enabled:
             check_aspect_config(settings.aspect_model_dir, settings.aspect_taxonomy)
     except (ArtifactError, ValueError) as exc:

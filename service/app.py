@@ -60,7 +60,8 @@ def timing_middleware(metrics: Metrics, draining: Callable[[], bool]):  # -> Cal
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
-    artifact = load_artifact(settings.model_dir)  # fails fast, naming the file, before anything binds
+    # Fails fast, naming the file, before anything binds.
+    artifact = load_artifact(settings.model_dir, variant=settings.model_variant)
     taxonomy = (check_aspect_config(settings.aspect_model_dir, settings.aspect_taxonomy)
                 if settings.aspects_enabled else None)
     metrics = Metrics()

@@ -1,7 +1,13 @@
-"""The model artefact contract: one directory with model.onnx, tokenizer.json and manifest.json.
+"""The model artefact contract: one directory with model.onnx, tokenizer.json and manifest.json, and
+optionally more int8 builds of the same model (variants) for CPUs with faster integer instructions.
 
 The export step writes it through `write_manifest`, the service reads it through `load_artifact`;
 both use the definitions here, so the two sides cannot drift. Standard library only.
+
+Why variants: ONNX Runtime multiplies u8 activations by s8 weights fastest with VNNI or AMX (exact int32
+sums), while on a CPU with AVX2 alone that product goes through 16-bit sums that can saturate. u8 weights
+are exact everywhere but run at half the speed on VNNI CPUs. So an artefact may carry an s8 build that
+requires one of those flags beside the portable u8 `model.onnx`, and the loader picks at run time.
 """
 
 from __future__ import annotations
@@ -38,22 +44,46 @@ class Manifest:
     quantization: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # Builds in order of preference; the last is model.onnx, which any CPU runs (see Variant).
+    variants: tuple[dict[str, Any], ...] = ()
     schema: int = MANIFEST_SCHEMA
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels)
+        data["variants"] = list(self.variants)
         return data
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One int8 build of the model: its file, hash, and the CPU flags it needs (any one of them; none:
+    it runs, and gives the same answers, on every CPU)."""
+
+    name: str
+    file: str
+    sha256: str
+    requires_any: tuple[str, ...] = ()
+    quantization: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def runs_on(self, flags: set[str]) -> bool:
+        return not self.requires_any or bool(flags.intersection(self.requires_any))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "requires_any": list(self.requires_any)}
 
 
 @dataclass(frozen=True)
 class Artifact:
     directory: Path
     manifest: Manifest
+    variant: Variant
+    reason: str = ""  # why this variant (logged, and shown by GET /v1/model)
 
     @property
     def model_path(self) -> Path:
-        return self.directory / MODEL_FILE
+        return self.directory / self.variant.file
 
     @property
     def tokenizer_path(self) -> Path:
@@ -66,6 +96,18 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (avx2, avx512_vnni, avx_vnni, amx_int8 …); empty
+    where /proc/cpuinfo cannot be read, which leaves only variants that need no flag."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
@@ -97,14 +139,60 @@ def _parse_manifest(path: Path) -> Manifest:
     head = raw.get("head_tokens")
     if head is not None and (not isinstance(head, int) or not 0 < head < max_tokens - 2):
         raise ArtifactError(f"{path}: head_tokens must be an integer in 1..max_tokens-3, got {head!r}")
+    variants = raw.get("variants", [])
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise ArtifactError(f"{path}: variants must be a list of objects")
     known = set(Manifest.__dataclass_fields__)
     fields = {key: value for key, value in raw.items() if key in known}
-    fields.update(labels=labels, temperature=float(temperature))
+    fields.update(labels=labels, temperature=float(temperature), variants=tuple(variants))
     return Manifest(**fields)
 
 
-def load_artifact(directory: Path | str, verify_hash: bool = True) -> Artifact:
-    """Load and verify a model directory; any problem raises ArtifactError naming the file."""
+def variants_of(manifest: Manifest, path: Path) -> list[Variant]:
+    """The manifest's builds; an artefact without a variants list has one, model.onnx, for any CPU."""
+    if not manifest.variants:
+        return [Variant("portable", MODEL_FILE, manifest.sha256, (), manifest.quantization)]
+    out = []
+    for index, raw in enumerate(manifest.variants):
+        try:
+            variant = Variant(name=raw["name"], file=raw["file"], sha256=raw["sha256"],
+                              requires_any=tuple(raw.get("requires_any", ())),
+                              quantization=raw.get("quantization", {}), evaluation=raw.get("evaluation", {}))
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{path}: variants[{index}] is missing or has a bad field ({exc})") from None
+        if Path(variant.file).name != variant.file:
+            raise ArtifactError(f"{path}: variants[{index}].file must be a file name in the model directory")
+        out.append(variant)
+    if out[-1].requires_any:
+        raise ArtifactError(f"{path}: the last variant must need no CPU flag, so that every CPU has one")
+    return out
+
+
+def choose_variant(variants: list[Variant], wanted: str, flags: set[str]) -> tuple[Variant, str]:
+    """`auto`: the first variant this CPU runs exactly (the manifest lists the fastest first); a name: that
+    one, refused where the CPU lacks the flags it needs (its int8 products would saturate)."""
+    if wanted == "auto":
+        variant = next(v for v in variants if v.runs_on(flags))
+        skipped = variants[:variants.index(variant)]
+        reason = (f"{variant.name}: " + (f"this CPU has {', '.join(sorted(flags.intersection(variant.requires_any)))}"
+                                          if variant.requires_any else "runs on any CPU"))
+        if skipped:
+            reason += "; " + "; ".join(f"not {v.name}: needs one of {', '.join(v.requires_any)}" for v in skipped)
+        return variant, reason
+    for variant in variants:
+        if variant.name == wanted:
+            if not variant.runs_on(flags):
+                raise ArtifactError(f"model variant {wanted!r} needs one of the CPU flags "
+                                    f"{', '.join(variant.requires_any)}; this CPU has none of them")
+            return variant, f"{variant.name}: set by SENTIMENT_MODEL_VARIANT"
+    raise ArtifactError(f"model variant {wanted!r} is not in this artefact "
+                        f"(it has {', '.join(v.name for v in variants)})")
+
+
+def load_artifact(directory: Path | str, verify_hash: bool = True, variant: str = "auto",
+                  flags: set[str] | None = None) -> Artifact:
+    """Load a model directory, choose the build for this CPU and verify its hash; any problem raises
+    ArtifactError naming the file."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: model directory not found (set SENTIMENT_MODEL_DIR or run make model)")
@@ -112,11 +200,13 @@ def load_artifact(directory: Path | str, verify_hash: bool = True) -> Artifact:
         if not (directory / name).is_file():
             raise ArtifactError(f"{directory / name}: required file is missing")
     manifest = _parse_manifest(directory / MANIFEST_FILE)
+    chosen, reason = choose_variant(variants_of(manifest, directory / MANIFEST_FILE), variant,
+                                    cpu_flags() if flags is None else flags)
+    path = directory / chosen.file
+    if not path.is_file():
+        raise ArtifactError(f"{path}: required file is missing (variant {chosen.name})")
     if verify_hash:
-        actual = sha256_of(directory / MODEL_FILE)
-        if actual != manifest.sha256:
-            raise ArtifactError(
-                f"{directory / MODEL_FILE}: sha256 {actual[:12]}… does not match the manifest's "
-                f"{manifest.sha256[:12]}…"
-            )
-    return Artifact(directory=directory, manifest=manifest)
+        actual = sha256_of(path)
+        if actual != chosen.sha256:
+            raise ArtifactError(f"{path}: sha256 {actual[:12]}… does not match the manifest's {chosen.sha256[:12]}…")
+    return Artifact(directory=directory, manifest=manifest, variant=chosen, reason=reason)

@@ -137,7 +137,8 @@ class SentimentController(Controller):
             encoder = scorer.aspects.encoder.manifest
             aspects = {"encoder": {"name": encoder.name, "version": encoder.version, "sha256": encoder.sha256},
                        "taxonomy": scorer.aspects.taxonomy.to_json(), "threshold": scorer.aspects.threshold}
-        return {**scorer.artifact.manifest.to_json(), "serving": layout, "aspects": aspects}
+        variant = {**scorer.artifact.variant.to_json(), "reason": scorer.artifact.reason}
+        return {**scorer.artifact.manifest.to_json(), "variant": variant, "serving": layout, "aspects": aspects}
 
 
 def admin_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -159,8 +160,8 @@ class AdminController(Controller):
     async def reload(self, data: ReloadRequest, scorer: Scorer) -> ReloadResponse:
         started = time.perf_counter()
         old, new = await scorer.reload(Path(data.model_dir) if data.model_dir else scorer.settings.model_dir)
-        return ReloadResponse(model=ModelVersion(new.name, new.version, new.sha256),
-                              previous=ModelVersion(old.name, old.version, old.sha256),
+        return ReloadResponse(model=ModelVersion(new.manifest.name, new.manifest.version, new.variant.sha256),
+                              previous=ModelVersion(old.manifest.name, old.manifest.version, old.variant.sha256),
                               seconds=round(time.perf_counter() - started, 3))
 
 

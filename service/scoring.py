@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifact import LABELS, Artifact, ArtifactError, Manifest, load_artifact
+from service.artifact import LABELS, Artifact, ArtifactError, load_artifact
 from service.aspects import AspectClause, AspectModel, AspectOpinion, SentenceEncoder
 from service.drain import install_drain_handler
 from service.engine import Engine
@@ -111,9 +111,12 @@ class Scorer:
             log.info("draining: readiness is 503 from now on")
 
     def _publish_model_info(self) -> None:
-        m = self.artifact.manifest
-        self.metrics.model_info.info({"name": m.name, "version": m.version, "sha256": m.sha256[:16],
-                                      "quantization": str(m.quantization.get("mode", "none"))})
+        m, variant = self.artifact.manifest, self.artifact.variant
+        self.metrics.model_info.info({"name": m.name, "version": m.version, "sha256": variant.sha256[:16],
+                                      "variant": variant.name,
+                                      "quantization": str(variant.quantization.get("mode", "none"))})
+        log.info("model variant chosen", extra={"variant": variant.name, "file": variant.file,
+                                                "reason": self.artifact.reason})
 
     async def _serve_student(self, stop: asyncio.Event) -> None:
         """Start the engine (layout, warm-up), report ready, and keep it (or its reloaded successor) until
@@ -134,14 +137,14 @@ class Scorer:
         finally:
             await self._engine_stack.aclose()
 
-    async def reload(self, model_dir: Path) -> tuple[Manifest, Manifest]:
+    async def reload(self, model_dir: Path) -> tuple[Artifact, Artifact]:
         """Swap in another model with no failed request: verify it, warm a new engine with the layout in
         use, switch to it, then retire the old engine once the requests holding it are done. A bad
-        artefact is refused (INVALID_MODEL) and the old model keeps serving. Returns (old, new) manifests."""
+        artefact is refused (INVALID_MODEL) and the old model keeps serving. Returns (old, new) artefacts."""
         async with self._reload_lock:
             current, _ = self._require_ready()
             try:
-                artifact = await asyncio.to_thread(load_artifact, model_dir)
+                artifact = await asyncio.to_thread(load_artifact, model_dir, True, self.settings.model_variant)
             except ArtifactError as exc:
                 raise ServiceError(ErrorKind.INVALID_MODEL, str(exc)) from None
             layout = current.layout
@@ -154,12 +157,12 @@ class Scorer:
                 raise ServiceError(ErrorKind.INVALID_MODEL, f"{model_dir}: the model could not be loaded and run",
                                    {"error_type": type(exc).__name__}) from None
             aspects = await asyncio.to_thread(self._aspect_model, engine.runner) if self.aspects else None
-            previous, retiring = self.artifact.manifest, self._engine_stack
+            previous, retiring = self.artifact, self._engine_stack
             self.engine, self.artifact, self._engine_stack, self.aspects = engine, artifact, stack, aspects
             self._publish_model_info()
             log.info("model reloaded", extra={"model": artifact.manifest.name, "version": artifact.manifest.version})
             await retiring.aclose()
-            return previous, artifact.manifest
+            return previous, artifact
 
     def _aspect_model(self, student: ModelRunner) -> AspectModel:
         """The encoder with the taxonomy's phrases embedded, and the student's polarity prior per aspect

@@ -28,6 +28,8 @@ class Settings:
     port: int = _doc(8000, "port to bind")
     server: str = _doc("granian", "ASGI server: granian or uvicorn")
     model_dir: Path = _doc(DEFAULT_MODEL_DIR, "model artefact directory (model.onnx, tokenizer.json, manifest.json)")
+    model_variant: str = _doc("auto", "int8 build to serve: auto (the fastest this CPU runs exactly) or a name "
+                              "from the manifest's variants, e.g. portable")
     layout: str = _doc("auto", "inference streams x ORT threads, e.g. 2x1; auto: measured at warm-up on this CPU")
     warmup_rounds: int = _doc(3, "warm-up passes over every padded width before the service reports ready")
     max_batch_size: int = _doc(64, "most texts in one inference call")

@@ -4,6 +4,7 @@ embedded teacher, and the real service started as a subprocess on a free loopbac
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,13 +23,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def run_module(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_module(*args: str, check: bool = True, timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+def served_file(model_dir: Path) -> Path:
+    """The model file this CPU is served from (model.onnx, or a faster variant the manifest lists)."""
+    from service.artifact import load_artifact
+
+    return load_artifact(model_dir, verify_hash=False).model_path
+
+
+def rehash(model_dir: Path) -> None:
+    """Make the manifest's hashes match the files again (for tests that break a model on purpose)."""
+    from service.artifact import MANIFEST_FILE, MODEL_FILE, sha256_of
+
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    manifest["sha256"] = sha256_of(model_dir / MODEL_FILE)
+    for variant in manifest.get("variants", []):
+        variant["sha256"] = sha256_of(model_dir / variant["file"])
+    (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 def build_tiny_backbone(directory: Path) -> Path:

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.artifact import LABELS, load_artifact
+from service.artifact import LABELS, load_artifact, sha256_of
 from service.runner import ModelRunner
-from tests.conftest import ROOT, running_service
+from tests.conftest import ROOT, rehash, running_service, served_file
 
 TEXTS = ["I love it", "This is terrible", "Where is my parcel?", "meh", "Fantastic support, thank you!",
          "The app crashed again and I lost my work", "ok", "Refund me now."]
@@ -181,6 +181,9 @@ def test_model_health_docs_and_metrics_routes(service, tiny_model) -> None:
     with service.client() as client:
         manifest = client.get("/v1/model").json()
         assert manifest["sha256"] == load_artifact(tiny_model).manifest.sha256
+        served = load_artifact(tiny_model)
+        assert manifest["variant"]["name"] == served.variant.name and manifest["variant"]["reason"] == served.reason
+        assert manifest["variant"]["sha256"] == sha256_of(served.model_path)
         assert manifest["labels"] == list(LABELS)
         assert client.get("/health/live").json()["status"] == "ok"
         assert client.get("/health/ready").status_code == 200
@@ -254,9 +257,9 @@ def test_a_broken_artefact_stops_the_start_with_one_line_naming_the_file(tiny_mo
         (broken / "tokenizer.json").unlink()
         named = "tokenizer.json"
     elif damage == "hash":
-        with (broken / "model.onnx").open("ab") as handle:
+        with served_file(broken).open("ab") as handle:
             handle.write(b"\0")
-        named = "model.onnx"
+        named = served_file(broken).name
     else:
         manifest = json.loads((broken / "manifest.json").read_text())
         manifest["labels"] = ["bad", "good"]
@@ -273,16 +276,12 @@ def test_a_broken_artefact_stops_the_start_with_one_line_naming_the_file(tiny_mo
 def test_a_model_that_fails_its_warm_up_is_logged_and_never_ready(tiny_model, tmp_path) -> None:
     """A model file that passes the hash check but that ONNX Runtime cannot run: the service stays up,
     answers 503 not_ready, and says why in one log line."""
-    import json
     import shutil
-
-    from service.artifact import MANIFEST_FILE, MODEL_FILE, sha256_of
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
-    (broken / MODEL_FILE).write_bytes(b"this is no ONNX graph")
-    manifest = json.loads((broken / MANIFEST_FILE).read_text())
-    (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, "sha256": sha256_of(broken / MODEL_FILE)}))
+    served_file(broken).write_bytes(b"this is no ONNX graph")
+    rehash(broken)
     with running_service(broken, tmp_path, wait_ready=False) as svc, svc.client() as client:
         for _ in range(100):
             if "could not be started" in svc.log.read_text():

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.artifact import MANIFEST_FILE, MODEL_FILE, sha256_of
-from tests.conftest import running_service
+from service.artifact import MANIFEST_FILE
+from tests.conftest import rehash, running_service, served_file
 
 KEY = "admin-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -65,11 +65,10 @@ def test_a_reload_under_load_fails_no_request(admin_service, tiny_model, tmp_pat
 
 def test_a_bad_artefact_is_refused_and_the_old_model_keeps_serving(admin_service, tiny_model, tmp_path) -> None:
     mismatched = copy_model(tiny_model, tmp_path / "mismatched", version="9.9.9")
-    (mismatched / MODEL_FILE).write_bytes((mismatched / MODEL_FILE).read_bytes()[:-10])
+    served_file(mismatched).write_bytes(served_file(mismatched).read_bytes()[:-10])
     garbage = copy_model(tiny_model, tmp_path / "garbage", version="9.9.8")
-    (garbage / MODEL_FILE).write_bytes(b"not an onnx model at all")
-    data = json.loads((garbage / MANIFEST_FILE).read_text())
-    (garbage / MANIFEST_FILE).write_text(json.dumps({**data, "sha256": sha256_of(garbage / MODEL_FILE)}))
+    served_file(garbage).write_bytes(b"not an onnx model at all")
+    rehash(garbage)
     with admin_service.client() as client:
         before = client.get("/v1/model").json()["version"]
         for directory, says in ((mismatched, "sha256"), (garbage, "could not be loaded"),
