@@ -25,7 +25,7 @@ WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cp
 MODEL_DIR ?= models/sentiment-minilm-int8
 
 .PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak dashboard clean print-settings \
-	aspect-eval aspect-encoder
+	aspect-eval aspect-encoder ray-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -92,9 +92,17 @@ loadtest: $(VENV)/.all  ## step load with SLO gates against a running service (m
 loadtest-compare: $(VENV)/.all  ## student-only vs auto fallback side by side (starts its own services)
 	$(BIN)/python loadtests/run.py compare
 
-bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP (uvicorn and granian); teacher latency
+bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP and its peers (plain, pipeline, Ray Serve); teacher latency
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/teacher.py
+
+# Ray Serve, for the benchmark's peer row only: its own venv, so Ray never enters the project's dependencies.
+RAY_VENV := .cache/ray-venv
+ray-venv: $(RAY_VENV)/.done  ## Ray Serve in its own venv for make bench's Ray row (~300 MB)
+$(RAY_VENV)/.done: constraints.txt
+	$(PY) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install -q "ray[serve]==2.60.0" $$(grep -E '^(onnxruntime|tokenizers|numpy)==' constraints.txt)
+	touch $@
 
 # Aspect-level sentiment: the student's method and the teacher's aspect prompt on the held-out set
 # (distill/aspects/eval.tsv; SET=distill/aspects/dev.tsv for the tuning set), and the encoder's export.

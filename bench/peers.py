@@ -30,7 +30,10 @@ def plain_ort(model_dir: Path) -> Any:
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     tokenizer.enable_truncation(manifest["max_tokens"])
     tokenizer.enable_padding()
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    from service.artifact import load_artifact
+
+    # The same int8 variant the service serves on this CPU, so the rows differ in serving only.
+    session = ort.InferenceSession(str(load_artifact(model_dir).model_path), providers=["CPUExecutionProvider"])
     needs_types = "token_type_ids" in {i.name for i in session.get_inputs()}
     labels = manifest["labels"]
 

@@ -33,33 +33,38 @@ sys.path.insert(0, str(ROOT))
 
 from bench.launch import percentile, start_service, wait_ready  # noqa: E402
 from loadtests.messages import MESSAGES  # noqa: E402
-from service.artifact import load_artifact  # noqa: E402
+from service.artifact import cpu_flags, load_artifact, variants_of  # noqa: E402
+from service.layout import TOKEN_BUDGETS, available_cores, candidate_shapes, pack, throughput  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from service.teacher_process import free_port  # noqa: E402
 
 
-def in_process(model: Path, seconds: float) -> dict[str, float]:
-    """ORT alone: single-text latency (p50) and batched throughput (batch 8 and 32, length-sorted)."""
-    runner = ModelRunner(load_artifact(model))
-    runner.warm_up()
-    single, until = [], time.perf_counter() + seconds / 2
+def in_process(model: Path, seconds: float, variant: str = "auto") -> dict[str, float]:
+    """ORT alone on one int8 variant: a lone text's p50 (every core, as the service runs a lone request),
+    and the best throughput over every streams x threads split and batch token budget, on the messages
+    the servers get, length-sorted (a deep queue's best case): the limit a server can approach."""
+    artifact = load_artifact(model, variant=variant)
+    cores = available_cores()
+    shapes = candidate_shapes(cores)
+    runners = {threads: ModelRunner(artifact, threads=threads) for threads in {t for _, t in shapes} | {cores}}
+    for runner in runners.values():
+        runner.warm_up()
+    lone, single, until = runners[cores], [], time.perf_counter() + seconds / 2
     i = 0
     while time.perf_counter() < until:
         started = time.perf_counter()
-        runner.predict([MESSAGES[i % len(MESSAGES)]])
+        lone.predict([MESSAGES[i % len(MESSAGES)]])
         single.append(time.perf_counter() - started)
         i += 1
-    out = {"single_p50_ms": statistics.median(single) * 1000}
-    encoded = sorted((e.ids for e in runner.encode(MESSAGES * 8)), key=len)
-    for batch in (8, 32):
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds / 4:
-            for start in range(0, len(encoded), batch):
-                chunk = encoded[start:start + batch]
-                runner.probabilities(chunk)
-                done += len(chunk)
-        out[f"batch{batch}_texts_per_s"] = done / (time.perf_counter() - started)
+    out: dict[str, float] = {"single_p50_ms": statistics.median(single) * 1000}
+    encoded = [e.ids for e in lone.encode(MESSAGES * 4)]
+    share = seconds / (len(shapes) * len(TOKEN_BUDGETS))
+    for streams, threads in shapes:
+        for budget in TOKEN_BUDGETS:
+            out[f"{streams}x{threads} t{budget}"] = throughput(runners[threads].probabilities, streams,
+                                                               pack(encoded, budget), share)
+    out["best_texts_per_s"] = max(v for k, v in out.items() if " t" in k)
     return out
 
 
@@ -145,9 +150,14 @@ def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.P
                           "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_QUEUE_SIZE": "4096", **extra})
 
 
+PEERS = ["plain", "pipeline", "ray"]
+RAY_PYTHON = ROOT / ".cache" / "ray-venv" / "bin" / "python"  # make ray-venv
+
+
 def start_peer(kind: str, model: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.peers", kind, "--model", str(model), "--port", str(port)],
+    command = ([str(RAY_PYTHON), "bench/ray_peer.py"] if kind == "ray" else [sys.executable, "-m", "bench.peers", kind])
+    process = subprocess.Popen([*command, "--model", str(model), "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(process, f"{url}/health/ready", 180)
@@ -176,7 +186,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["auto", "1x2", "2x1"],
                         help="auto: the layout the service measures at warm-up; SxT: S streams of T ORT threads "
                              "(the batch token budget still measured)")
-    parser.add_argument("--peers", nargs="*", default=["plain", "pipeline"], choices=["plain", "pipeline"])
+    parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS,
+                        help="ray needs `make ray-venv` (left out, with a note, where it is missing)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--loader", choices=["wrk", "python"], default="wrk" if WRK else "python")
     parser.add_argument("--no-aspects", action="store_true", help="leave out the aspects-on row")
@@ -197,13 +208,19 @@ def main() -> None:
                 services[f"{server}/{name}"] = (process, url)
                 print(f"{server}/{name}: {httpx.get(f'{url}/v1/model').json()['serving']['reason']}", flush=True)
         for kind in args.peers:
+            if kind == "ray" and not RAY_PYTHON.exists():
+                print(f"peer/ray left out: {RAY_PYTHON} is missing (make ray-venv)", flush=True)
+                continue
             services[f"peer/{kind}"] = start_peer(kind, args.model)
         rows = [(key, url, {}) for key, (_, url) in services.items()]
         if not args.no_aspects:  # the first service again, every request asking for aspects
             first, (_, url) = next(iter(services.items()))
             rows.insert(1, (f"{first} +aspects", url, {"aspects": True}))
+        variants = variants_of(load_artifact(args.model).manifest, args.model)
+        runnable = [v.name for v in variants if v.runs_on(cpu_flags())]
         for round_no in range(args.rounds):  # interleaved and rotated: drift and order hit every row alike
-            limit_rounds.append(in_process(args.model, args.seconds))
+            limit_rounds.append({f"{name}/{key}": value for name in runnable
+                                 for key, value in in_process(args.model, args.seconds, name).items()})
             for key, url, extra in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
                 asyncio.run(load(url, 4, 0.5, extra))  # warm connections and code paths
                 figures = served.setdefault(key, {f"c{c}": [] for c in args.clients})
@@ -213,15 +230,22 @@ def main() -> None:
         for process, _ in services.values():
             process.terminate()
             process.wait(timeout=15)
-    limit = median_of(limit_rounds)
-    results = {"in_process": limit, **{key: {c: median_of(rounds) for c, rounds in figures.items()}
-                                       for key, figures in served.items()}}
+        if "peer/ray" in services:  # the driver's exit leaves Ray's own processes behind
+            subprocess.run([str(RAY_PYTHON.parent / "ray"), "stop", "--force"], capture_output=True, check=False)
+    measured = median_of(limit_rounds)
+    results = {"in_process": measured, **{key: {c: median_of(rounds) for c, rounds in figures.items()}
+                                          for key, figures in served.items()}}
     print(json.dumps(results, indent=2, default=lambda v: round(v, 2)))
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_header()}; load from {args.loader}")
-    print(f"medians of {args.rounds} interleaved rounds; in-process ORT (the limit): single text p50 "
-          f"{limit['single_p50_ms']:.2f} ms, batch 8 {limit['batch8_texts_per_s']:.0f} texts/s, "
-          f"batch 32 {limit['batch32_texts_per_s']:.0f} texts/s")
-    best = max(limit["batch8_texts_per_s"], limit["batch32_texts_per_s"])
+    print(f"medians of {args.rounds} interleaved rounds; in-process ORT per int8 variant this CPU runs:")
+    for name in runnable:
+        shape = max((k for k in measured if k.startswith(f"{name}/") and " t" in k), key=measured.__getitem__)
+        print(f"  {name}: single text p50 {measured[f'{name}/single_p50_ms']:.2f} ms, best "
+              f"{measured[f'{name}/best_texts_per_s']:.0f} texts/s ({shape.split('/', 1)[1]})")
+    served_variant = load_artifact(args.model).variant.name  # what the servers load: the limit is its own
+    limit = {key.split("/", 1)[1]: value for key, value in measured.items() if key.startswith(f"{served_variant}/")}
+    print(f"the limit below is {served_variant}'s (the variant the servers serve on this CPU)")
+    best = limit["best_texts_per_s"]
     header = f"{'row':24} {'c1 p50 ms':>9} {'c1/ORT':>7}"
     for clients in args.clients[1:]:
         header += f" {f'c{clients} texts/s':>13} {f'c{clients} p99 ms':>11}"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from bench.serving import WRK
+from service.artifact import load_artifact
 from tests.conftest import run_module
 
 
@@ -25,3 +26,8 @@ def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, l
         assert figures[key]["c8"]["p50_ms"] <= figures[key]["c8"]["p99_ms"]
     assert "medians of 2 interleaved rounds" in result.stdout and f"load from {loader}" in result.stdout
     assert "granian/1x1: 1x1, batches up to" in result.stdout  # the layout each service measured
+    served = load_artifact(tiny_model).variant.name
+    limit = figures["in_process"]
+    tried = [v for k, v in limit.items() if k.startswith(f"{served}/") and " t" in k]  # layouts x budgets
+    assert len(tried) >= 5 and limit[f"{served}/best_texts_per_s"] >= min(tried) > 0
+    assert f"the limit below is {served}'s" in result.stdout
