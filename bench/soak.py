@@ -2,8 +2,9 @@
 
   python bench/soak.py [--minutes 10] [--share 0.8]
 
-Capacity is measured first (64 closed-loop clients); then requests go out on a fixed schedule at
-`share` × that rate, and each latency counts from its scheduled time (queueing included). The
+Capacity is measured first (64 closed-loop clients, wrk where installed); then requests go out on a
+fixed schedule at `share` × that rate from a compiled open-loop generator (bench/openloop.c, a few
+percent of a core), and each latency counts from its scheduled time (queueing included). The
 service's resident memory (all its processes) is sampled throughout. Prints p50/p99 per minute, the
 memory growth from the first minute to the last, and exits 1 if growth is 5% or more or any request
 failed. A benchmark, not a test: the machine is shared, read the drift, not the absolute figures.
@@ -13,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import sys
+import threading
 import time
 from pathlib import Path
-
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.launch import percentile
-from bench.serving import load, post_json, serve
+from bench.openloop import open_loop
+from bench.serving import WRK, load, serve, wrk_load
 from loadtests.messages import MESSAGES
 from service.settings import DEFAULT_MODEL_DIR
 
@@ -52,30 +52,6 @@ def rss_mb(root: int) -> float:
     return total / 1024
 
 
-async def open_loop(url: str, rate: float, seconds: float, connections: int = 64) -> list[tuple[float, float, bool]]:
-    """Requests scheduled every 1/rate s over `connections` keep-alive connections: (scheduled, latency, ok)."""
-    host, port = url.removeprefix("http://").split(":")
-    bodies = [orjson.dumps({"text": text}) for text in MESSAGES]
-    start = time.perf_counter() + 0.1
-    schedule = (start + i / rate for i in itertools.count())
-    until = start + seconds
-    out: list[tuple[float, float, bool]] = []
-
-    async def connection(offset: int) -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        for i in itertools.count(offset):
-            due = next(schedule)
-            if due >= until:
-                break
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            ok = await post_json(reader, writer, bodies[i % len(bodies)])
-            out.append((due - start, time.perf_counter() - due, ok))
-        writer.close()
-
-    await asyncio.gather(*(connection(k) for k in range(connections)))
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -86,24 +62,21 @@ def main() -> int:
     memory: list[tuple[float, float]] = []
     try:
         asyncio.run(load(url, 4, 1.0))
-        capacity = asyncio.run(load(url, 64, 8.0))["texts_per_s"]
+        capacity = (wrk_load(url, 64, 8.0) if WRK else asyncio.run(load(url, 64, 8.0)))["texts_per_s"]
         rate = args.share * capacity
         print(f"capacity {capacity:.0f} texts/s; soaking at {rate:.0f}/s for {args.minutes:g} min", flush=True)
         seconds = args.minutes * 60
-
-        async def soak() -> list[tuple[float, float, bool]]:
-            task = asyncio.create_task(open_loop(url, rate, seconds))
-            started = time.perf_counter()
-            while not task.done():
-                memory.append((time.perf_counter() - started, rss_mb(process.pid)))
-                await asyncio.sleep(5)
-            return task.result()
-
-        results = asyncio.run(soak())
+        results: list[tuple[float, float, int]] = []
+        generator = threading.Thread(target=lambda: results.extend(open_loop(url, rate, seconds, MESSAGES)))
+        generator.start()
+        started = time.perf_counter()
+        while generator.is_alive():
+            memory.append((time.perf_counter() - started, rss_mb(process.pid)))
+            generator.join(5)
     finally:
         process.terminate()
         process.wait(timeout=30)
-    failed = sum(not ok for _, _, ok in results)
+    failed = sum(status != 200 for _, _, status in results) + int(rate * seconds) - len(results)
     print(f"{'minute':>6} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'RSS MB':>8}")
     minutes = int(args.minutes + 0.999)
     for minute in range(minutes):

@@ -31,3 +31,21 @@ def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, l
     tried = [v for k, v in limit.items() if k.startswith(f"{served}/") and " t" in k]  # layouts x budgets
     assert len(tried) >= 5 and limit[f"{served}/best_texts_per_s"] >= min(tried) > 0
     assert f"the limit below is {served}'s" in result.stdout
+
+
+def test_the_open_loop_generator_keeps_its_schedule_and_sees_every_answer(service) -> None:
+    from bench.openloop import open_loop
+
+    results = open_loop(service.url, rate=40, seconds=2, texts=["late again", "lovely staff", "é ✓ 表"],
+                        connections=8)
+    assert len(results) == 80 and {status for _, _, status in results} == {200}
+    dues = [due for due, _, _ in results]
+    assert dues == sorted(dues) and abs((dues[-1] - dues[0]) - 79 / 40) < 1e-3  # the schedule, not the answers
+    assert all(0 < latency < 5 for _, latency, _ in results)
+
+
+def test_the_open_loop_generator_records_each_answers_status(service) -> None:
+    from bench.openloop import open_loop
+
+    results = open_loop(service.url, rate=20, seconds=1, texts=["fine"], path="/v1/no-such-route")
+    assert len(results) == 20 and {status for _, _, status in results} == {404}
