@@ -21,18 +21,17 @@ def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
     return out_dir / "model.onnx"
 
 
-def ffn_output_nodes(model_path: Path) -> list[str]:
-    """The feed-forward output projections (`…/output/dense/MatMul`, not attention's): BERT's activation
-    outliers live there, and keeping them in fp32 is what lifts int8/fp32 agreement most (README)."""
+def weight_matmuls(model_path: Path) -> list[str]:
+    """MatMul nodes with a constant weight: the ones dynamic int8 quantizes."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and n.name.endswith("/output/dense/MatMul") and "/attention/" not in n.name]
+    weights = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, weights: str, per_channel: bool = True,
-                  exclude: list[str] | None = None) -> dict[str, Any]:
+                  exclude: list[str] | None = None, only: list[str] | None = None) -> dict[str, Any]:
     """Dynamic int8 (ONNX Runtime's quantizer) of every MatMul with constant weights and of the embedding
     Gathers; `weights` 'u8' runs exactly on every CPU, 's8' needs VNNI or AMX (service/artifact.py).
     Returns the config recorded in the manifest."""
@@ -41,7 +40,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, weights: str, per_channel: bo
     operators = ["MatMul", "Gather"]
     quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=operators, per_channel=per_channel,
                      weight_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[weights],
-                     nodes_to_exclude=exclude or [], extra_options={"MatMulConstBOnly": True})
+                     nodes_to_quantize=only, nodes_to_exclude=exclude or [], extra_options={"MatMulConstBOnly": True})
     return {"mode": "dynamic-int8", "weights": weights, "activations": "u8", "per_channel": per_channel,
             "operators": operators, "fp32_nodes": sorted(exclude or [])}
 
