@@ -74,8 +74,9 @@ print-settings: $(VENV)/.runtime
 # The whole pipeline: teacher labels -> student training -> gated int8 export into $(MODEL_DIR).
 # HUMAN_ONLY=1 needs no teacher; TEACHER_URL=... uses any OpenAI-compatible server.
 TRAIN_ARGS ?= --cap imdb=7000 --repeat rotten_tomatoes=2 drugs=2
-# The committed model passed the gate at 99.0% int8/fp32 agreement, not the default 99.5% (README, Quality).
-EXPORT_ARGS ?= --eval-per-source 1000 --min-agreement 0.99
+# The committed model passed its gates at 99.0% (portable) and 99.1% (vnni) int8/fp32 agreement, not the default
+# 99.5%; on drugs' 103 test texts one text is a point (README, Model variants).
+EXPORT_ARGS ?= --eval-per-source 1000 --min-agreement 0.99 --max-accuracy-drop 0.01
 model: $(VENV)/.all
 	$(if $(HUMAN_ONLY),,$(BIN)/python -m distill label $(if $(TEACHER_URL),--teacher-url $(TEACHER_URL)) \
 		--sources tweets rotten_tomatoes drugs --per-source 200 --rewrite-per-source 50)
