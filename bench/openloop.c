@@ -171,7 +171,8 @@ int main(int argc, char **argv) {
             conn_t *conn = &conns[events[k].data.u64];
             ssize_t r = read(conn->fd, conn->buf + conn->len, sizeof conn->buf - conn->len);
             if (r <= 0) { /* the server closed it, or an error: the request in flight is lost */
-                if (conn->request >= 0) {
+                int was_busy = conn->request >= 0; /* an idle one is on the idle stack already */
+                if (was_busy) {
                     latency[conn->request] = now() - due[conn->request];
                     done++;
                 }
@@ -182,7 +183,7 @@ int main(int argc, char **argv) {
                 if (conn->fd >= 0) {
                     ev.data.u64 = events[k].data.u64;
                     epoll_ctl(ep, EPOLL_CTL_ADD, conn->fd, &ev);
-                    idle[nidle++] = (int)events[k].data.u64;
+                    if (was_busy) idle[nidle++] = (int)events[k].data.u64;
                 }
                 continue;
             }
