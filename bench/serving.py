@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.launch import percentile, start_service, wait_ready  # noqa: E402
 from loadtests.messages import MESSAGES  # noqa: E402
-from service.artifact import cpu_flags, load_artifact, variants_of  # noqa: E402
+from service.artifact import MANIFEST_FILE, cpu_flags, load_artifact, variants_of  # noqa: E402
 from service.layout import TOKEN_BUDGETS, available_cores, candidate_shapes, pack, throughput  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
@@ -216,8 +216,9 @@ def main() -> None:
         if not args.no_aspects:  # the first service again, every request asking for aspects
             first, (_, url) = next(iter(services.items()))
             rows.insert(1, (f"{first} +aspects", url, {"aspects": True}))
-        variants = variants_of(load_artifact(args.model).manifest, args.model)
-        runnable = [v.name for v in variants if v.runs_on(cpu_flags())]
+        served_artifact = load_artifact(args.model)  # the build the servers load on this CPU
+        runnable = [v.name for v in variants_of(served_artifact.manifest, args.model / MANIFEST_FILE)
+                    if v.runs_on(cpu_flags())]
         for round_no in range(args.rounds):  # interleaved and rotated: drift and order hit every row alike
             limit_rounds.append({f"{name}/{key}": value for name in runnable
                                  for key, value in in_process(args.model, args.seconds, name).items()})
@@ -242,7 +243,7 @@ def main() -> None:
         shape = max((k for k in measured if k.startswith(f"{name}/") and " t" in k), key=measured.__getitem__)
         print(f"  {name}: single text p50 {measured[f'{name}/single_p50_ms']:.2f} ms, best "
               f"{measured[f'{name}/best_texts_per_s']:.0f} texts/s ({shape.split('/', 1)[1]})")
-    served_variant = load_artifact(args.model).variant.name  # what the servers load: the limit is its own
+    served_variant = served_artifact.variant.name  # the limit is that build's own
     limit = {key.split("/", 1)[1]: value for key, value in measured.items() if key.startswith(f"{served_variant}/")}
     print(f"the limit below is {served_variant}'s (the variant the servers serve on this CPU)")
     best = limit["best_texts_per_s"]

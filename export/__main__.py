@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         sample = [ex.text for ex in test if len(ex.text) < 200][:32] or test_texts[:32]
         variants, failures = [], []
         for spec, path, record in built:
-            logits = onnx_logits(path, encoder, test_texts)
+            logits = onnx_logits(path, encoder, test_texts)  # the last (portable) one's feed the tables below
             verdict = gate(fp32_test, logits, test, limits)
             failures += [f"{spec.name}: {failure}" for failure in verdict["failures"]]
             table = evaluation_table(logits, test, temperature)
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                                "latency": {f"batch{b}_ms": latency_ms(path, encoder, sample, b) for b in (1, 32)},
                                "size_mb": round(path.stat().st_size / 1e6, 1)}})
             print(json.dumps({spec.name: variants[-1]["evaluation"]}, indent=2), flush=True)
-        portable_test = onnx_logits(portable_path, encoder, test_texts)
+        portable_test = logits
         evaluation = {
             "split": "test", "per_source_cap": args.eval_per_source,
             "int8_calibrated": evaluation_table(portable_test, test, temperature),
