@@ -47,7 +47,8 @@ def in_process(model: Path, seconds: float, variant: str = "auto") -> dict[str, 
     artifact = load_artifact(model, variant=variant)
     cores = available_cores()
     shapes = candidate_shapes(cores)
-    runners = {threads: ModelRunner(artifact, threads=threads) for threads in {t for _, t in shapes} | {cores}}
+    runners = {threads: ModelRunner(artifact, threads=threads, spin=threads == cores)  # as the service runs them
+               for threads in {t for _, t in shapes} | {cores}}
     for runner in runners.values():
         runner.warm_up()
     lone, single, until = runners[cores], [], time.perf_counter() + seconds / 2
@@ -145,6 +146,13 @@ def wrk_load(url: str, clients: int, seconds: float, extra: dict | None = None) 
             "p99_ms": figures["p99_us"] / 1000, "errors": figures["errors"]}
 
 
+def config_env(config: str) -> dict[str, str]:
+    """`LAYOUT[:setting=value,...]` as the service's environment."""
+    layout, _, rest = config.partition(":")
+    pairs = (item.split("=", 1) for item in rest.split(",") if item)
+    return {"SENTIMENT_LAYOUT": layout, **{f"SENTIMENT_{key.upper()}": value for key, value in pairs}}
+
+
 def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     return start_service({"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_SERVER": server,
                           "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_QUEUE_SIZE": "4096", **extra})
@@ -185,7 +193,8 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"])
     parser.add_argument("--configs", nargs="+", default=["auto", "1x2", "2x1"],
                         help="auto: the layout the service measures at warm-up; SxT: S streams of T ORT threads "
-                             "(the batch token budget still measured)")
+                             "(the batch token budget still measured); after a colon, settings for that row: "
+                             "auto:lone_spin=false,max_wait_ms=1")
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS,
                         help="ray needs `make ray-venv` (left out, with a note, where it is missing)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64])
@@ -204,7 +213,7 @@ def main() -> None:
     try:
         for server in args.servers:  # one at a time: each measures its layout on an otherwise idle machine
             for name in args.configs:
-                process, url = serve(args.model, server, {"SENTIMENT_LAYOUT": name})
+                process, url = serve(args.model, server, config_env(name))
                 services[f"{server}/{name}"] = (process, url)
                 print(f"{server}/{name}: {httpx.get(f'{url}/v1/model').json()['serving']['reason']}", flush=True)
         for kind in args.peers:

@@ -6,8 +6,9 @@ Invariants (checked by tests/test_batcher.py):
 - the oldest pending text is always in the next batch (no starvation); the rest of the batch is
   filled with the pending texts closest to it in length, so little compute goes to padding;
 - a batch waits at most `max_wait` for company, and not at all when its text is the only one
-  pending and no other batch is running: a lone request pays no batching delay; such a batch runs
-  on `infer_alone` (all cores on one call) where one is given;
+  pending and no other batch is running (a lone request pays no batching delay; such a batch runs
+  on `infer_alone`, all cores on one call, where one is given) or when the queue already fills a
+  batch (a backlog under load: waiting would only leave the cores idle);
 - admission is bounded: a request whose texts do not fit in the queue is refused at once;
 - every submitted future is resolved: with its own row, with the batch's error when inference
   raises, or with a deadline / shutdown error. Callers that went away are skipped and counted.
@@ -100,12 +101,21 @@ class Batcher:
         if alone or self.max_wait <= 0:
             return
         until = time.perf_counter() + self.max_wait
-        while len(self._pending) < self.max_batch_size and (left := until - time.perf_counter()) > 0:
+        while not self._fills_a_batch() and (left := until - time.perf_counter()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout=left)
             except TimeoutError:
                 return
+
+    def _fills_a_batch(self) -> bool:
+        """Enough is queued for a full batch: by count, or by padded tokens at the oldest text's width.
+        (Without the token test a backlog of short texts waited `max_wait` before every batch: the
+        cores idled 10% of the time at 64 clients.)"""
+        pending = self._pending
+        if not pending:  # another stream took it all while this one waited: nothing to wait for
+            return True
+        return len(pending) >= self.max_batch_size or len(pending) * len(pending[0].ids) >= self.max_batch_tokens
 
     def _take_batch(self) -> list[_Item]:
         """The oldest live item plus the live items closest to it in length, within both limits."""

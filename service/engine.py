@@ -55,7 +55,8 @@ class Engine:
     @contextlib.asynccontextmanager
     async def started(cls, artifact: Artifact, settings: Settings, metrics: Metrics) -> AsyncIterator[Engine]:
         s = settings
-        layout, runners = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_tokens)
+        layout, runners = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_tokens,
+                                                   s.lone_spin)
         log.info("layout chosen", extra={"layout": layout.shape, "batch_tokens": layout.batch_tokens,
                                          "reason": layout.reason})
         runner, solo = runners[layout.threads], runners[max(runners)]

@@ -87,8 +87,11 @@ def _invalid(field: str, message: str) -> ServiceError:
     return ServiceError(ErrorKind.INVALID_REQUEST, f"{field}: {message}", [{"field": field, "message": message}])
 
 
-def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """With SENTIMENT_API_KEYS set, /v1 routes need `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+async def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """With SENTIMENT_API_KEYS set, /v1 routes need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+
+    Async on purpose, like every guard here: Litestar runs a sync guard in a worker thread, a thread
+    hop on every request."""
     keys: tuple[str, ...] = connection.app.state.settings.api_keys
     if not keys:
         return
@@ -141,7 +144,7 @@ class SentimentController(Controller):
         return {**scorer.artifact.manifest.to_json(), "variant": variant, "serving": layout, "aspects": aspects}
 
 
-def admin_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def admin_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """/admin needs `Authorization: Bearer SENTIMENT_ADMIN_KEY`; without a key configured it does not exist."""
     key: str = connection.app.state.settings.admin_key
     if not key:

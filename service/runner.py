@@ -30,28 +30,34 @@ class Prediction:
     scores: dict[str, float]
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """`threads` ORT threads for one inference (0: one per available core), no spinning.
+def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
+    """`threads` ORT threads for one inference (0: one per available core).
 
-    Spinning threads on a shared core doubled latency, so inter- and intra-op spinning are off.
+    Spinning threads on a shared core doubled latency, so by default they block when idle. `spin` is
+    for a session that has every core to itself (a lone request): its threads spin between operators
+    but stop when the run ends (`session.force_spinning_stop`), so nothing burns CPU between requests.
+    A blocking pool pays a thread wake-up per operator: spinning cut a lone text's latency by a quarter
+    (`python -m bench.serving --configs auto auto:lone_spin=false`).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
 class ModelRunner:
-    def __init__(self, artifact: Artifact, threads: int = 0) -> None:
+    def __init__(self, artifact: Artifact, threads: int = 0, spin: bool = False) -> None:
         manifest = artifact.manifest
         self.manifest = manifest
         self.labels = manifest.labels
         self.encoder = TextEncoder(artifact.tokenizer_path, manifest.max_tokens, manifest.head_tokens)
-        self.session = ort.InferenceSession(str(artifact.model_path), session_options(threads),
+        self.session = ort.InferenceSession(str(artifact.model_path), session_options(threads, spin),
                                             providers=["CPUExecutionProvider"])
         self._inputs = {item.name for item in self.session.get_inputs()}
         self._temperature = manifest.temperature
@@ -90,15 +96,17 @@ class ModelRunner:
             self.logits([[self.encoder.pad_id] * width] * 2)
 
 
-def choose_layout(artifact: Artifact, shape: str = "auto",
-                  batch_tokens: int = 0) -> tuple[Layout, dict[int, ModelRunner]]:
+def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0,
+                  spin_alone: bool = True) -> tuple[Layout, dict[int, ModelRunner]]:
     """The layout for this machine and runners by thread count: the layout's own, and one with every core
-    for a batch that runs alone. What the settings fix is kept; what they leave open (shape 'auto', batch
-    tokens 0) is measured on this CPU (service/layout.py)."""
+    for a batch that runs alone (spinning during its runs with `spin_alone`: it has the cores to itself).
+    What the settings fix is kept; what they leave open (shape 'auto', batch tokens 0) is measured on
+    this CPU (service/layout.py)."""
     cores = available_cores()
     fixed = parse_shape(shape)
     shapes = [fixed] if fixed else candidate_shapes(cores)
-    runners = {t: ModelRunner(artifact, threads=t) for t in sorted({t for _, t in shapes} | {cores})}
+    runners = {t: ModelRunner(artifact, threads=t, spin=spin_alone and t == cores)
+               for t in sorted({t for _, t in shapes} | {cores})}
     if fixed and batch_tokens:
         return Layout(*fixed, batch_tokens), runners
     budgets = (batch_tokens,) if batch_tokens else TOKEN_BUDGETS

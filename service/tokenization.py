@@ -45,7 +45,9 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         out = []
         budget = self.max_tokens - 2
-        for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False):
+        encodings = (self._tokenizer.encode_batch(list(texts), add_special_tokens=False) if len(texts) > 1
+                     else [self._tokenizer.encode(texts[0], add_special_tokens=False)] if texts else [])
+        for encoding in encodings:
             ids = encoding.ids
             truncated = len(ids) > budget
             if truncated:

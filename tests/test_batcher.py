@@ -109,6 +109,44 @@ def test_a_lone_request_pays_no_batching_delay() -> None:
     assert asyncio.run(scenario()) < 1.0
 
 
+def test_a_queue_that_fills_a_batch_by_tokens_does_not_wait_for_company() -> None:
+    infer = RecordingInfer()
+
+    async def scenario() -> float:
+        # 4 texts of 4 tokens fill a 16-token batch, though far fewer than max_batch_size texts.
+        batcher = Batcher(infer, Metrics(), max_batch_size=64, max_batch_tokens=16, max_wait=5.0)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit([[7, 1, 1, i] for i in range(4)], time.perf_counter() + 30)
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 1.0
+    assert infer.batches == [(4, 4)]  # one batch: 4 texts, 4 tokens wide
+
+
+def test_a_stream_whose_queue_another_stream_emptied_keeps_serving() -> None:
+    infer = RecordingInfer(delay=0.1)
+
+    async def scenario() -> list[bool]:
+        batcher = Batcher(infer, Metrics(), max_batch_size=3, max_wait=2.0, workers=2)
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        first = asyncio.create_task(batcher.submit([[1, 1]], deadline))  # alone: runs at once
+        await asyncio.sleep(0.01)
+        rest = asyncio.create_task(batcher.submit([[2, 1], [3, 1]], deadline))  # the other stream waits
+        await first
+        await asyncio.sleep(0.01)  # now both streams wait for a third text
+        await batcher.submit([[4, 1]], deadline)  # one stream takes all three; the other finds nothing
+        await rest
+        alive = [not task.done() for task in batcher._tasks]
+        await batcher.close()
+        return alive
+
+    assert asyncio.run(scenario()) == [True, True]
+
+
 def test_a_failing_batch_fails_every_caller_in_it_and_the_next_batch_still_runs() -> None:
     infer = RecordingInfer(fail_when=666)
 
