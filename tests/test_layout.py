@@ -78,8 +78,21 @@ def test_choose_layout_measures_the_real_model(tiny_model) -> None:
         assert isinstance(runner, ModelRunner)
         assert runner.session.get_session_options().intra_op_num_threads == threads
     assert {layout.threads, cores} <= set(runners)  # the layout's runner, and one with every core
-    fixed, _ = choose_layout(load_artifact(tiny_model), "1x1", 96)
+    fixed, quiet = choose_layout(load_artifact(tiny_model), "1x1", 96, spin_alone=False)
     assert (fixed.streams, fixed.threads, fixed.batch_tokens, fixed.reason) == (1, 1, 96, "configured")
+    # Only the every-core session spins (it runs alone), and only while a run lasts; none when told not to.
+    assert {threads: spinning(runner) for threads, runner in runners.items()} == {
+        threads: ("1", "1") if threads == cores else ("0", "") for threads in runners}
+    assert {spinning(runner) for runner in quiet.values()} == {("0", "")}
+
+
+def spinning(runner: ModelRunner) -> tuple[str, str]:
+    options = runner.session.get_session_options()
+    try:
+        stop = options.get_session_config_entry("session.force_spinning_stop")
+    except RuntimeError:  # never set
+        stop = ""
+    return options.get_session_config_entry("session.intra_op.allow_spinning"), stop
 
 
 def test_the_service_reports_the_layout_it_measured(tiny_model, tmp_path) -> None:
