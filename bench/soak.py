@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.launch import percentile
+from bench.launch import percentile, process_tree
 from bench.openloop import open_loop
 from bench.serving import WRK, load, serve, wrk_load
 from loadtests.messages import MESSAGES
@@ -30,20 +30,8 @@ from service.settings import DEFAULT_MODEL_DIR
 
 def rss_mb(root: int) -> float:
     """Resident memory of `root` and every process below it."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = [root], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        tree += children
-        frontier += children
     total = 0
-    for pid in tree:
+    for pid in process_tree(root):
         try:
             total += int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                               if line.startswith("VmRSS:")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -16,21 +17,36 @@ def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, l
     if loader == "wrk" and WRK is None:
         pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
     result = run_module("bench.serving", "--model", str(tiny_model), "--seconds", "1", "--rounds", "2",
-                        "--servers", "granian", "--configs", "auto", "1x1", "--peers", "plain", "--clients", "1", "8",
-                        "--loader", loader, timeout=300)
+                        "--servers", "granian", "--configs", "auto", "1x1:lone_spin=false", "--peers", "plain",
+                        "--clients", "1", "8", "--loader", loader, timeout=300)
     table = result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1]
     figures = json.loads(table)
-    assert set(figures) == {"in_process", "granian/auto", "granian/auto +aspects", "granian/1x1", "peer/plain"}
-    for key in ("granian/auto", "granian/auto +aspects", "granian/1x1", "peer/plain"):
+    pinned = "granian/1x1:lone_spin=false"  # a layout, and a setting for that row
+    assert set(figures) == {"in_process", "granian/auto", "granian/auto +aspects", pinned, "peer/plain"}
+    for key in ("granian/auto", "granian/auto +aspects", pinned, "peer/plain"):
         assert figures[key]["c1"]["texts_per_s"] > 0 and figures[key]["c8"]["errors"] == 0
         assert figures[key]["c8"]["p50_ms"] <= figures[key]["c8"]["p99_ms"]
     assert "medians of 2 interleaved rounds" in result.stdout and f"load from {loader}" in result.stdout
-    assert "granian/1x1: 1x1, batches up to" in result.stdout  # the layout each service measured
+    assert f"{pinned}: 1x1, batches up to" in result.stdout  # the layout each service measured
     served = load_artifact(tiny_model).variant.name
     limit = figures["in_process"]
     tried = [v for k, v in limit.items() if k.startswith(f"{served}/") and " t" in k]  # layouts x budgets
     assert len(tried) >= 5 and limit[f"{served}/best_texts_per_s"] >= min(tried) > 0
     assert f"the limit below is {served}'s" in result.stdout
+
+
+def test_the_breakdown_accounts_for_the_threads_and_the_batches(tiny_model) -> None:
+    if WRK is None:
+        pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
+    out = run_module("bench.breakdown", "--model", str(tiny_model), "--seconds", "1", "--rounds", "1",
+                     timeout=300).stdout
+    for clients in ("1 connection(s)", "64 connection(s)"):
+        section = out[out.index(clients):]
+        loop = re.search(r"event loop\s+([\d.]+) cores\s+([\d.]+) ms CPU per request", section)
+        assert loop and float(loop.group(1)) > 0 and float(loop.group(2)) > 0, out
+        busy = re.search(r"streams busy (\d+)% of the time", section)
+        assert busy and 0 < int(busy.group(1)) <= 100 * 1.05, out  # the metrics' busy time, per stream
+    assert re.search(r"in-process, \d+x\d+, nothing else running: [\d.]+ ms each; in the service [\d.]+ ms", out)
 
 
 def test_the_open_loop_generator_keeps_its_schedule_and_sees_every_answer(service) -> None:

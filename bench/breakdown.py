@@ -1,0 +1,132 @@
+"""Where a served request's time goes: the service under wrk at 1 and at 64 connections, with the CPU of
+each of its threads (from /proc) and the batcher's own metrics, beside ONNX Runtime in-process on the
+same batch shapes and layout. It answers the two questions the serving benchmark raises:
+
+- at one connection, what the service adds to one inference: event-loop CPU per request (HTTP,
+  routing, validation, tokenising, the batcher), and granian's I/O thread;
+- at 64 connections, why the service falls short of the in-process limit: the share of time a stream
+  is busy, and how much slower the same batches run in the service (its event loop takes a share of
+  the cores the streams need) than alone in-process.
+
+  python bench/breakdown.py [--seconds 6] [--rounds 3] [--config auto]
+
+Linux only (/proc). Medians of interleaved rounds; the machine is shared, read shares and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.launch import process_tree
+from bench.serving import MESSAGES, config_env, serve, wrk_load
+from service.artifact import load_artifact
+from service.layout import available_cores, throughput
+from service.runner import ModelRunner
+from service.settings import DEFAULT_MODEL_DIR
+
+TICKS = 100  # clock ticks per second in /proc/*/stat (USER_HZ, 100 on Linux)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of `pid`, keyed by role: its main thread runs the event loop; granian's
+    Rust I/O runtime names its threads tokio-*; the rest are inference and ONNX Runtime pool threads."""
+    out = {"event loop": 0.0, "granian I/O": 0.0, "inference + ORT pools": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / TICKS
+        role = "event loop" if int(task.name) == pid else "granian I/O" if name.startswith("tokio") \
+            else "inference + ORT pools"
+        out[role] += seconds
+    return out
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    wanted = ("sentiment_inference_duration_seconds_sum", "sentiment_inference_duration_seconds_count",
+              "sentiment_batch_size_sum", "sentiment_batch_tokens_sum")
+    values = {name: 0.0 for name in wanted}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
+def measure(url: str, worker: int, clients: int, seconds: float) -> dict[str, float]:
+    wrk_load(url, clients, 1.0)  # warm
+    cpu, sums = thread_cpu(worker), metric_sums(url)
+    load = wrk_load(url, clients, seconds)
+    cpu_after, sums_after = thread_cpu(worker), metric_sums(url)
+    delta = {k: sums_after[k] - sums[k] for k in sums}
+    requests = load["texts_per_s"] * seconds
+    batches = max(1.0, delta["sentiment_inference_duration_seconds_count"])
+    out = {"texts_per_s": load["texts_per_s"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
+           "batch_texts": delta["sentiment_batch_size_sum"] / batches,
+           "batch_ms": delta["sentiment_inference_duration_seconds_sum"] / batches * 1000,
+           "inference_busy_s": delta["sentiment_inference_duration_seconds_sum"] / seconds}
+    for role, value in cpu_after.items():
+        out[f"{role} cores"] = (value - cpu[role]) / seconds
+        out[f"{role} ms/request"] = (value - cpu[role]) / requests * 1000
+    return out
+
+
+def in_process_batch_ms(model: Path, threads: int, streams: int, batch_texts: int, seconds: float) -> float:
+    """Milliseconds per batch of `batch_texts` messages on `streams` streams of `threads` threads, alone."""
+    runner = ModelRunner(load_artifact(model), threads=threads, spin=threads == available_cores())  # as served
+    runner.warm_up()
+    ids = [e.ids for e in runner.encode(MESSAGES)]
+    batches = [[ids[(i + k) % len(ids)] for k in range(batch_texts)] for i in range(len(ids))]
+    texts_per_s = throughput(runner.probabilities, streams, batches, seconds)
+    return batch_texts * streams / texts_per_s * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--config", default="auto", help="as bench/serving.py --configs: LAYOUT[:setting=value,...]")
+    args = parser.parse_args()
+    process, url = serve(args.model, "granian", config_env(args.config))
+    try:
+        serving = httpx.get(f"{url}/v1/model").json()["serving"]
+        worker = max(process_tree(process.pid), key=lambda pid: len(list(Path(f"/proc/{pid}/task").iterdir())))
+        rounds: dict[int, list[dict[str, float]]] = {1: [], 64: []}
+        for _ in range(args.rounds):
+            for clients in rounds:
+                rounds[clients].append(measure(url, worker, clients, args.seconds))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    figures = {c: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for c, runs in rounds.items()}
+    streams, threads = serving["streams"], serving["threads"]
+    alone = in_process_batch_ms(args.model, threads, streams, max(1, round(figures[64]["batch_texts"])),
+                                args.seconds)
+    print(f"{time.strftime('%Y-%m-%d')}: layout {streams}x{threads}, batches up to {serving['batch_tokens']} tokens; "
+          f"medians of {args.rounds} rounds of {args.seconds:g} s")
+    for clients, f in figures.items():
+        print(f"\n{clients} connection(s): {f['texts_per_s']:.0f} texts/s, p50 {f['p50_ms']:.2f} ms, "
+              f"p99 {f['p99_ms']:.1f} ms; batches of {f['batch_texts']:.1f} texts, {f['batch_ms']:.2f} ms each")
+        for role in ("event loop", "granian I/O", "inference + ORT pools"):
+            print(f"  {role:22} {f[f'{role} cores']:5.2f} cores  {f[f'{role} ms/request']:6.3f} ms CPU per request")
+        print(f"  streams busy {f['inference_busy_s'] / streams:.0%} of the time")
+    same = figures[64]
+    print(f"\nthe same batches ({round(same['batch_texts'])} texts) in-process, {streams}x{threads}, nothing else "
+          f"running: {alone:.2f} ms each; in the service {same['batch_ms']:.2f} ms "
+          f"({same['batch_ms'] / alone:.2f}x: the event loop's {same['event loop cores']:.2f} cores come out "
+          f"of the streams' share)")
+
+
+if __name__ == "__main__":
+    main()
