@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.launch import process_tree
 from bench.serving import MESSAGES, config_env, serve, wrk_load
 from service.artifact import load_artifact
-from service.layout import available_cores, throughput
+from service.layout import throughput
 from service.runner import ModelRunner
 from service.settings import DEFAULT_MODEL_DIR
 
@@ -83,7 +83,7 @@ def measure(url: str, worker: int, clients: int, seconds: float) -> dict[str, fl
 
 def in_process_batch_ms(model: Path, threads: int, streams: int, batch_texts: int, seconds: float) -> float:
     """Milliseconds per batch of `batch_texts` messages on `streams` streams of `threads` threads, alone."""
-    runner = ModelRunner(load_artifact(model), threads=threads, spin=threads == available_cores())  # as served
+    runner = ModelRunner(load_artifact(model), threads=threads)  # as served by default
     runner.warm_up()
     ids = [e.ids for e in runner.encode(MESSAGES)]
     batches = [[ids[(i + k) % len(ids)] for k in range(batch_texts)] for i in range(len(ids))]

@@ -47,8 +47,7 @@ def in_process(model: Path, seconds: float, variant: str = "auto") -> dict[str, 
     artifact = load_artifact(model, variant=variant)
     cores = available_cores()
     shapes = candidate_shapes(cores)
-    runners = {threads: ModelRunner(artifact, threads=threads, spin=threads == cores)  # as the service runs them
-               for threads in {t for _, t in shapes} | {cores}}
+    runners = {threads: ModelRunner(artifact, threads=threads) for threads in {t for _, t in shapes} | {cores}}
     for runner in runners.values():
         runner.warm_up()
     lone, single, until = runners[cores], [], time.perf_counter() + seconds / 2

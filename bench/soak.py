@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.launch import percentile, process_tree
 from bench.openloop import open_loop
-from bench.serving import WRK, load, serve, wrk_load
+from bench.serving import WRK, config_env, load, serve, wrk_load
 from loadtests.messages import MESSAGES
 from service.settings import DEFAULT_MODEL_DIR
 
@@ -44,14 +44,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--share", type=float, default=0.8)
+    parser.add_argument("--rate", type=float, default=0.0, help="requests/s instead of share x capacity")
+    parser.add_argument("--config", default="auto", help="as bench/serving.py --configs: LAYOUT[:setting=value,...]")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
-    process, url = serve(args.model, "granian", {})
+    process, url = serve(args.model, "granian", config_env(args.config))
     memory: list[tuple[float, float]] = []
     try:
         asyncio.run(load(url, 4, 1.0))
         capacity = (wrk_load(url, 64, 8.0) if WRK else asyncio.run(load(url, 64, 8.0)))["texts_per_s"]
-        rate = args.share * capacity
+        rate = args.rate or args.share * capacity
         print(f"capacity {capacity:.0f} texts/s; soaking at {rate:.0f}/s for {args.minutes:g} min", flush=True)
         seconds = args.minutes * 60
         results: list[tuple[float, float, int]] = []

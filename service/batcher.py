@@ -7,8 +7,9 @@ Invariants (checked by tests/test_batcher.py):
   filled with the pending texts closest to it in length, so little compute goes to padding;
 - a batch waits at most `max_wait` for company, and not at all when its text is the only one
   pending and no other batch is running (a lone request pays no batching delay; such a batch runs
-  on `infer_alone`, all cores on one call, where one is given) or when the queue already fills a
-  batch (a backlog under load: waiting would only leave the cores idle);
+  on `infer_alone`, all cores on one call, where one is given, and no other batch starts until it
+  ends: its cores are taken) or when the queue already fills a batch (a backlog under load: waiting
+  would only leave the cores idle);
 - admission is bounded: a request whose texts do not fit in the queue is refused at once;
 - every submitted future is resolved: with its own row, with the batch's error when inference
   raises, or with a deadline / shutdown error. Callers that went away are skipped and counted.
@@ -50,6 +51,8 @@ class Batcher:
         self._pending: list[_Item] = []
         self._arrived = asyncio.Event()
         self._running = 0
+        self._alone_done = asyncio.Event()  # clear while a batch runs on `infer_alone`
+        self._alone_done.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._closing = False
@@ -98,15 +101,17 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
         alone = len(self._pending) == 1 and self._running == 0
-        if alone or self.max_wait <= 0:
-            return
-        until = time.perf_counter() + self.max_wait
-        while not self._fills_a_batch() and (left := until - time.perf_counter()) > 0:
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=left)
-            except TimeoutError:
-                return
+        if not alone and self.max_wait > 0:
+            until = time.perf_counter() + self.max_wait
+            while not self._fills_a_batch() and (left := until - time.perf_counter()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), timeout=left)
+                except TimeoutError:
+                    break
+        # A batch alone on every core: starting another beside it would only oversubscribe them (with
+        # spinning threads, the 8-client p99 rose by a third).
+        await self._alone_done.wait()
 
     def _fills_a_batch(self) -> bool:
         """Enough is queued for a full batch: by count, or by padded tokens at the oldest text's width.
@@ -155,8 +160,11 @@ class Batcher:
             self._metrics.queue_wait.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_tokens.observe(len(batch) * max(len(item.ids) for item in batch))
-        infer = self._infer_alone if self._running == 0 and not self._pending else self._infer
+        alone = self._infer_alone is not self._infer and self._running == 0 and not self._pending
+        infer = self._infer_alone if alone else self._infer
         self._running += 1
+        if alone:
+            self._alone_done.clear()
         try:
             rows = await asyncio.get_running_loop().run_in_executor(
                 self._executor, infer, [item.ids for item in batch])
@@ -170,6 +178,7 @@ class Batcher:
             return
         finally:
             self._running -= 1
+            self._alone_done.set()
             self._metrics.inference_duration.observe(time.perf_counter() - started)
         for item, row in zip(batch, rows, strict=True):
             if not item.future.done():

@@ -34,10 +34,10 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     """`threads` ORT threads for one inference (0: one per available core).
 
     Spinning threads on a shared core doubled latency, so by default they block when idle. `spin` is
-    for a session that has every core to itself (a lone request): its threads spin between operators
+    for the session that has every core to itself (a lone request): its threads spin between operators
     but stop when the run ends (`session.force_spinning_stop`), so nothing burns CPU between requests.
-    A blocking pool pays a thread wake-up per operator: spinning cut a lone text's latency by a quarter
-    (`python -m bench.serving --configs auto auto:lone_spin=false`).
+    It took ~1 ms off a lone request but tripled the open-loop p99 at 450 requests/s on 2 cores
+    (bench/soak.py), hence off unless SENTIMENT_LONE_SPIN asks for it.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -97,7 +97,7 @@ class ModelRunner:
 
 
 def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0,
-                  spin_alone: bool = True) -> tuple[Layout, dict[int, ModelRunner]]:
+                  spin_alone: bool = False) -> tuple[Layout, dict[int, ModelRunner]]:
     """The layout for this machine and runners by thread count: the layout's own, and one with every core
     for a batch that runs alone (spinning during its runs with `spin_alone`: it has the cores to itself).
     What the settings fix is kept; what they leave open (shape 'auto', batch tokens 0) is measured on

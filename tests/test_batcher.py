@@ -201,3 +201,30 @@ def test_a_batch_alone_runs_on_the_alone_runner_and_concurrent_batches_on_the_st
     asyncio.run(scenario())
     # Six texts queued at once: the first batch saw others waiting, so none of them ran alone.
     assert len(alone.batches) == 1 and sum(size for size, _ in streams.batches) == 6
+
+
+def test_no_batch_starts_while_a_batch_runs_alone_on_every_core() -> None:
+    spans: list[tuple[str, float, float]] = []
+
+    def timed(kind: str):
+        def infer(sequences):
+            started = time.perf_counter()
+            time.sleep(0.1)
+            spans.append((kind, started, time.perf_counter()))
+            return [[seq[0], len(seq), sum(seq)] for seq in sequences]
+        return infer
+
+    async def scenario() -> None:
+        batcher = Batcher(timed("stream"), Metrics(), max_batch_size=8, max_wait=0.0, workers=2,
+                          infer_alone=timed("alone"))
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        first = asyncio.create_task(batcher.submit([[1, 1]], deadline))  # alone: every core
+        await asyncio.sleep(0.02)
+        second = await batcher.submit([[2, 1]], deadline)  # arrives while it runs: a free stream waits
+        assert int(second[0][0]) == 2 and int((await first)[0][0]) == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+    (kind, _, first_end), (_, second_start, _) = sorted(spans, key=lambda span: span[1])
+    assert kind == "alone" and second_start >= first_end
