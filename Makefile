@@ -93,8 +93,9 @@ loadtest: $(VENV)/.all  ## step load with SLO gates against a running service (m
 loadtest-compare: $(VENV)/.all  ## student-only vs auto fallback side by side (starts its own services)
 	$(BIN)/python loadtests/run.py compare
 
-bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP and its peers (plain, pipeline, Ray Serve); teacher latency
+bench: $(VENV)/.all  ## in-process ORT vs the service over HTTP and its peers (plain, pipeline, Ray Serve); where the time goes; teacher latency
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/breakdown.py
 	$(BIN)/python bench/teacher.py
 
 # Ray Serve, for the benchmark's peer row only: its own venv, so Ray never enters the project's dependencies.
