@@ -109,8 +109,8 @@ class Batcher:
                     await asyncio.wait_for(self._arrived.wait(), timeout=left)
                 except TimeoutError:
                     break
-        # A batch alone on every core: starting another beside it would only oversubscribe them (with
-        # spinning threads, the 8-client p99 rose by a third).
+        # A batch alone on every core: starting another beside it would only oversubscribe them (open
+        # loop at 450 requests/s on 2 cores: p99 185 ms with, 77-87 ms without).
         await self._alone_done.wait()
 
     def _fills_a_batch(self) -> bool:
