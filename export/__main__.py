@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
         temperature = fit_temperature(onnx_logits(portable_path, encoder, dev_texts), [ex.label for ex in dev])
         limits = GateLimits(args.min_agreement, args.max_accuracy_drop)
         sample = [ex.text for ex in test if len(ex.text) < 200][:32] or test_texts[:32]
-        variants, failures = [], []
+        variants, failures, test_logits = [], [], {}
         for spec, path, record in built:
-            logits = onnx_logits(path, encoder, test_texts)  # the last (portable) one's feed the tables below
+            logits = test_logits[spec.name] = onnx_logits(path, encoder, test_texts)
             verdict = gate(fp32_test, logits, test, limits)
             failures += [f"{spec.name}: {failure}" for failure in verdict["failures"]]
             table = evaluation_table(logits, test, temperature)
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                                "latency": {f"batch{b}_ms": latency_ms(path, encoder, sample, b) for b in (1, 32)},
                                "size_mb": round(path.stat().st_size / 1e6, 1)}})
             print(json.dumps({spec.name: variants[-1]["evaluation"]}, indent=2), flush=True)
-        portable_test = logits
+        portable_test = test_logits[built[-1][0].name]  # the last variant is the portable one (VARIANTS)
         evaluation = {
             "split": "test", "per_source_cap": args.eval_per_source,
             "int8_calibrated": evaluation_table(portable_test, test, temperature),

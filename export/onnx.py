@@ -34,6 +34,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, weights: str, per_channel: bo
                   exclude: list[str] | None = None, only: list[str] | None = None) -> dict[str, Any]:
     """Dynamic int8 (ONNX Runtime's quantizer) of every MatMul with constant weights and of the embedding
     Gathers; `weights` 'u8' runs exactly on every CPU, 's8' needs VNNI or AMX (service/artifact.py).
+    `exclude` keeps those nodes fp32; `only` quantizes just those (the export's sensitivity ranking).
     Returns the config recorded in the manifest."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

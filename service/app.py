@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.artifact import load_artifact
 from service.aspects import check_aspect_config
-from service.disconnect import cancel_on_disconnect
+from service.disconnect import cancel_on_disconnect, closing
 from service.errors import handle_exception
 from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
 from service.metrics import Metrics
@@ -40,7 +40,7 @@ def timing_middleware(metrics: Metrics, draining: Callable[[], bool]):  # -> Cal
                 if message["type"] == "http.response.start":
                     status = message["status"]
                     if draining():
-                        message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                        message = closing(message)
                 await send(message)
 
             try:

@@ -20,6 +20,14 @@ from service.metrics import Metrics
 WATCH_AFTER = 0.05
 
 
+def closing(start: Message) -> Message:
+    """A response start that tells the client not to reuse the connection (once, however often asked)."""
+    headers = start.get("headers", [])
+    if (b"connection", b"close") in headers:
+        return start
+    return {**start, "headers": [*headers, (b"connection", b"close")]}
+
+
 def cancel_on_disconnect(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
     def wrap(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,7 +69,7 @@ def cancel_on_disconnect(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
                     # Answered before the body was read (413, 401): the server drops the connection with
                     # the unread rest, so the client is told not to reuse it. Without the header a client
                     # sometimes sent its next request into the closing socket (seen as a CI flake).
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                    message = closing(message)
                 answered = answered or (message["type"] == "http.response.body" and not message.get("more_body"))
                 await send(message)
 

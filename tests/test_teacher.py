@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.launch import process_tree
 from distill.__main__ import hard_cases as hard_cases_for_training
 from service.artifact import LABELS
 from service.prompts import parse_label, parse_reason
@@ -36,24 +37,6 @@ def cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below `root` (the ASGI server runs the app in a worker process)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        found += children
-        frontier += children
-    return found
 
 
 def teacher_env(teacher: EmbeddedTeacher, **extra: str) -> dict[str, str]:
@@ -162,7 +145,7 @@ def test_the_embedded_teacher_is_restarted_when_it_dies(tiny_model, tmp_path) ->
         details = lambda: client.get("/health/ready").json()["details"]  # noqa: E731
         assert wait_for(lambda: details()["teacher_state"] == "ready", 60), details()
         assert details()["teacher_restarts"] == 0
-        child = [pid for pid in descendants(svc.process.pid) if b"llama_cpp.server" in cmdline(pid)]
+        child = [pid for pid in process_tree(svc.process.pid)[1:] if b"llama_cpp.server" in cmdline(pid)]
         assert len(child) == 1
         os.kill(child[0], signal.SIGILL)  # what a llama.cpp built for another CPU dies of
         assert wait_for(lambda: details()["teacher_restarts"] >= 1, 30), details()
@@ -214,7 +197,7 @@ def test_no_teacher_process_outlives_its_owner(tmp_path) -> None:
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert any("teacher ready" in line for line in owner.stdout), "the teacher never became ready"
-            child = [pid for pid in descendants(owner.pid) if b"llama_cpp.server" in cmdline(pid)]
+            child = [pid for pid in process_tree(owner.pid)[1:] if b"llama_cpp.server" in cmdline(pid)]
             assert len(child) == 1
             owner.send_signal(kill)
             owner.wait(timeout=15)
@@ -228,7 +211,7 @@ def test_a_killed_service_leaves_no_worker_or_teacher_behind(tiny_model, tmp_pat
     env = {"SENTIMENT_TEACHER_ENABLED": "true"}
     with running_service(tiny_model, tmp_path, **env) as svc, svc.client() as client:
         assert wait_for(lambda: client.get("/health/ready").json()["details"]["teacher_state"] == "ready", 60)
-        below = descendants(svc.process.pid)  # granian's worker and the llama.cpp server under it
+        below = process_tree(svc.process.pid)[1:]  # granian's worker and the llama.cpp server under it
         assert any(b"llama_cpp.server" in cmdline(pid) for pid in below) and len(below) >= 2
         svc.process.kill()
         svc.process.wait()
