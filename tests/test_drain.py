@@ -16,8 +16,9 @@ from collections import Counter
 import httpx
 import pytest
 
+from bench.launch import process_tree
 from tests.conftest import running_service
-from tests.test_teacher import cmdline, descendants, gone
+from tests.test_teacher import cmdline, gone
 
 DELAY_S = 2.0
 
@@ -44,7 +45,7 @@ async def load(url: str, clients: int, until: float, log: list[tuple[float, str]
 def test_sigterm_drains_under_load_and_drops_nothing(tiny_model, tmp_path, server) -> None:
     env = {"SENTIMENT_SERVER": server, "SENTIMENT_DRAIN_DELAY_S": str(DELAY_S), "SENTIMENT_TEACHER_ENABLED": "true"}
     with running_service(tiny_model, tmp_path, **env) as svc:
-        below = descendants(svc.process.pid)
+        below = process_tree(svc.process.pid)[1:]
         log: list[tuple[float, str]] = []
 
         async def scenario() -> tuple[float, list[tuple[float, int, dict]]]:
