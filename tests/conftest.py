@@ -95,7 +95,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, label_cache: Path) -> P
                "--out", str(work / "checkpoint"))
     run_module("export", "--checkpoint", str(work / "checkpoint"), "--out", str(work / "model"),
                "--sources", "tweets", "rotten_tomatoes", "--eval-per-source", "80", "--name", "tiny-test",
-               "--version", "0.0.1", "--min-agreement", "0.95", "--max-accuracy-drop", "0.05")
+               "--version", "0.0.1", "--min-agreement", "0.95", "--max-accuracy-drop", "0.05",
+               "--mixed", "1", "3")
     return work / "model"
 
 
