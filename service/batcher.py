@@ -10,6 +10,9 @@ Invariants (checked by tests/test_batcher.py):
   on `infer_alone`, all cores on one call, where one is given, and no other batch starts until it
   ends: its cores are taken) or when the queue already fills a batch (a backlog under load: waiting
   would only leave the cores idle);
+- pending work is shared among the idle streams: a batch takes at most its share (pending texts / idle
+  streams, rounded up), and the rest starts on the next idle stream without waiting again, so a burst
+  runs as two half batches side by side instead of one whole batch beside an idle stream;
 - admission is bounded: a request whose texts do not fit in the queue is refused at once;
 - every submitted future is resolved: with its own row, with the batch's error when inference
   raises, or with a deadline / shutdown error. Callers that went away are skipped and counted.
@@ -51,6 +54,7 @@ class Batcher:
         self._pending: list[_Item] = []
         self._arrived = asyncio.Event()
         self._running = 0
+        self._rest_ready = False  # a batch left texts for the other idle streams: they start without waiting
         self._alone_done = asyncio.Event()  # clear while a batch runs on `infer_alone`
         self._alone_done.set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,9 +105,9 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
         alone = len(self._pending) == 1 and self._running == 0
-        if not alone and self.max_wait > 0:
+        if not alone and not self._rest_ready and self.max_wait > 0:
             until = time.perf_counter() + self.max_wait
-            while not self._fills_a_batch() and (left := until - time.perf_counter()) > 0:
+            while not self._rest_ready and not self._fills_a_batch() and (left := until - time.perf_counter()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), timeout=left)
@@ -141,9 +145,11 @@ class Batcher:
         anchor, rest = live[0], live[1:]
         width = len(anchor.ids)
         rest.sort(key=lambda item: abs(len(item.ids) - width))
+        idle = max(1, self.workers - self._running)  # this stream included
+        share = min(self.max_batch_size, -(-len(live) // idle))
         batch = [anchor]
         for item in rest:
-            if len(batch) >= self.max_batch_size:
+            if len(batch) >= share:
                 break
             if max(width, len(item.ids)) * (len(batch) + 1) > self.max_batch_tokens:
                 continue
@@ -151,6 +157,9 @@ class Batcher:
             batch.append(item)
         chosen = {id(item) for item in batch}
         self._pending = [item for item in live if id(item) not in chosen]
+        self._rest_ready = bool(self._pending) and idle > 1
+        if self._rest_ready:
+            self._arrived.set()  # wakes a stream waiting for company: its batch is ready
         self._metrics.queue_depth.set(len(self._pending))
         return batch
 

@@ -138,7 +138,7 @@ def test_a_stream_whose_queue_another_stream_emptied_keeps_serving() -> None:
         rest = asyncio.create_task(batcher.submit([[2, 1], [3, 1]], deadline))  # the other stream waits
         await first
         await asyncio.sleep(0.01)  # now both streams wait for a third text
-        await batcher.submit([[4, 1]], deadline)  # one stream takes all three; the other finds nothing
+        await batcher.submit([[4, 1]], deadline)  # a stream takes its share, the other the rest
         await rest
         alive = [not task.done() for task in batcher._tasks]
         await batcher.close()
@@ -228,3 +228,27 @@ def test_no_batch_starts_while_a_batch_runs_alone_on_every_core() -> None:
     asyncio.run(scenario())
     (kind, _, first_end), (_, second_start, _) = sorted(spans, key=lambda span: span[1])
     assert kind == "alone" and second_start >= first_end
+
+
+def test_a_burst_is_shared_by_the_idle_streams_and_the_rest_does_not_wait_again() -> None:
+    spans: list[tuple[int, float, float]] = []
+
+    def infer(sequences):
+        started = time.perf_counter()
+        time.sleep(0.1)
+        spans.append((len(sequences), started, time.perf_counter()))
+        return [[seq[0], len(seq), sum(seq)] for seq in sequences]
+
+    async def scenario() -> None:
+        # 7 texts at once fill a batch by count; both streams are idle. A long max_wait shows that the
+        # stream taking the rest does not wait for company again.
+        batcher = Batcher(infer, Metrics(), max_batch_size=7, max_wait=5.0, workers=2)
+        batcher.start()
+        rows = await batcher.submit([[10 + i, 1] for i in range(7)], time.perf_counter() + 30)
+        assert [int(row[0]) for row in rows] == [10 + i for i in range(7)]
+        await batcher.close()
+
+    asyncio.run(scenario())
+    (first_size, _, first_end), (second_size, second_start, _) = sorted(spans, key=lambda span: span[1])
+    assert (first_size, second_size) == (4, 3)  # the share rounds up: ceil(7 / 2 idle streams)
+    assert second_start < first_end  # side by side, not one after the other
