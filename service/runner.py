@@ -36,8 +36,9 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     Spinning threads on a shared core doubled latency, so by default they block when idle. `spin` is
     for the session that has every core to itself (a lone request): its threads spin between operators
     but stop when the run ends (`session.force_spinning_stop`), so nothing burns CPU between requests.
-    It took ~1 ms off a lone request but tripled the open-loop p99 at 450 requests/s on 2 cores
-    (bench/soak.py), hence off unless SENTIMENT_LONE_SPIN asks for it.
+    It took 0.7 ms off a one-client p50 but, with independent arrivals (bench/soak.py, 2 cores), left the
+    p50 unchanged and raised the p99 (200 requests/s: 17-18 ms against 7-11), hence off unless
+    SENTIMENT_LONE_SPIN asks for it.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
