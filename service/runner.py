@@ -30,15 +30,21 @@ class Prediction:
     scores: dict[str, float]
 
 
+# Longest an idle thread of a spinning session spins before it sleeps: the gap between two operators of
+# one run is shorter (in-process, 10 us kept the whole gain of spinning: lone text 2.13 against 2.53 ms).
+SPIN_US = 10
+
+
 def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     """`threads` ORT threads for one inference (0: one per available core).
 
     Spinning threads on a shared core doubled latency, so by default they block when idle. `spin` is
-    for the session that has every core to itself (a lone request): its threads spin between operators
-    but stop when the run ends (`session.force_spinning_stop`), so nothing burns CPU between requests.
-    It took 0.7 ms off a one-client p50 but, with independent arrivals (bench/soak.py, 2 cores), left the
-    p50 unchanged and raised the p99 (200 requests/s: 17-18 ms against 7-11), hence off unless
-    SENTIMENT_LONE_SPIN asks for it.
+    for the session that has every core to itself (a lone request): its threads spin between operators,
+    at most SPIN_US before they sleep, and stop when the run ends (`session.force_spinning_stop`), so
+    nothing burns CPU between requests. ORT's own spin time held the cores through the gaps the event
+    loop needs: open loop at 200 requests/s (2 cores) p99 11.5 ms against 5.8-6.8 ms with 10 us, one
+    client ~3.0 ms either way. Still opt-in (SENTIMENT_LONE_SPIN): against sleeping threads it took
+    0.6 ms off one client's p50 and added 1-9 ms to the open-loop p99 at 100-450/s (bench/rates.py).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -49,6 +55,7 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if spin:
         options.add_session_config_entry("session.force_spinning_stop", "1")
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     return options
 
 

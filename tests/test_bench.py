@@ -65,3 +65,15 @@ def test_the_open_loop_generator_records_each_answers_status(service) -> None:
 
     results = open_loop(service.url, rate=20, seconds=1, texts=["fine"], path="/v1/no-such-route")
     assert len(results) == 20 and {status for _, _, status in results} == {404}
+
+
+def test_the_rates_bench_prints_a_row_per_rate_and_configuration(tiny_model) -> None:
+    configs = ["1x1", "1x1:lone_spin=true"]
+    out = run_module("bench.rates", "--model", str(tiny_model), "--configs", *configs, "--rates", "20", "40",
+                     "--seconds", "1", "--rounds", "2", timeout=300).stdout
+    loads = ["20/s", "40/s"] + (["1 client"] if WRK else [])
+    for load in loads:
+        for config in configs:
+            row = re.search(rf"^{re.escape(load)}\s+{re.escape(config)}\s+([\d.]+)\s+([\d.]+)\s+0\s+(.+)$", out, re.M)
+            assert row, out
+            assert 0 < float(row.group(1)) <= float(row.group(2)) and row.group(3).count("/") == 2  # two rounds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from service.artifact import load_artifact
@@ -15,7 +17,7 @@ from service.layout import (
     parse_shape,
     throughput,
 )
-from service.runner import ModelRunner, choose_layout
+from service.runner import SPIN_US, ModelRunner, choose_layout
 from service.settings import Settings
 from tests.conftest import running_service
 
@@ -82,17 +84,18 @@ def test_choose_layout_measures_the_real_model(tiny_model) -> None:
     assert (fixed.streams, fixed.threads, fixed.batch_tokens, fixed.reason) == (1, 1, 96, "configured")
     # Only the every-core session spins (it runs alone), and only while a run lasts; none by default.
     assert {threads: spinning(runner) for threads, runner in runners.items()} == {
-        threads: ("1", "1") if threads == cores else ("0", "") for threads in runners}
+        threads: ("1", f"1 {SPIN_US}") if threads == cores else ("0", "") for threads in runners}
     assert {spinning(runner) for runner in quiet.values()} == {("0", "")}
 
 
 def spinning(runner: ModelRunner) -> tuple[str, str]:
+    """(allow spinning, how it is bounded: '1 10' = stops at the run's end, sleeps after 10 us idle)."""
     options = runner.session.get_session_options()
-    try:
-        stop = options.get_session_config_entry("session.force_spinning_stop")
-    except RuntimeError:  # never set
-        stop = ""
-    return options.get_session_config_entry("session.intra_op.allow_spinning"), stop
+    bounds = []
+    for key in ("session.force_spinning_stop", "session.intra_op.spin_duration_us"):
+        with contextlib.suppress(RuntimeError):  # raised when never set
+            bounds.append(options.get_session_config_entry(key))
+    return options.get_session_config_entry("session.intra_op.allow_spinning"), " ".join(bounds)
 
 
 def test_the_service_reports_the_layout_it_measured(tiny_model, tmp_path) -> None:

@@ -1,0 +1,79 @@
+"""Service configurations side by side under independent arrivals: open loop at several rates (the
+compiled generator, latency from each request's scheduled time) and one closed-loop client (wrk). Made
+for settings whose effect depends on how requests arrive, such as SENTIMENT_LONE_SPIN: a client that
+waits for each answer and clients that do not can disagree.
+
+  python bench/rates.py --configs auto auto:lone_spin=true [--rates 20 50 100 200] [--seconds 20] [--rounds 3]
+
+Every configuration runs as its own service, all started before the first measurement; each round
+visits them in turn (order reversed every other round). Prints p50/p99 per rate and configuration, the
+median over rounds, and each round's figures. A benchmark: read the ratios, the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.openloop import open_loop
+from bench.serving import MESSAGES, WRK, config_env, serve, wrk_load
+from service.settings import DEFAULT_MODEL_DIR
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def open_loop_figures(url: str, rate: float, seconds: float) -> dict[str, float]:
+    results = open_loop(url, rate, seconds, MESSAGES)
+    answered = [latency * 1000 for _, latency, status in results if status == 200]
+    return {"p50_ms": percentile(answered, 0.5), "p99_ms": percentile(answered, 0.99),
+            "failed": len(results) - len(answered)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--configs", nargs="+", required=True, help="as bench/serving.py: LAYOUT[:setting=value,...]")
+    parser.add_argument("--rates", nargs="+", type=float, default=[20, 50, 100, 200], help="requests/s, open loop")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    services = {config: serve(args.model, "granian", config_env(config)) for config in args.configs}
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    try:
+        for round_no in range(args.rounds):
+            order = list(services.items())[::-1 if round_no % 2 else 1]
+            for rate in args.rates:
+                for config, (_, url) in order:
+                    rows.setdefault((f"{rate:g}/s", config), []).append(open_loop_figures(url, rate, args.seconds))
+            if WRK is not None:
+                for config, (_, url) in order:
+                    figures = wrk_load(url, 1, min(args.seconds, 5))
+                    rows.setdefault(("1 client", config), []).append(
+                        {"p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"], "failed": figures["errors"]})
+    finally:
+        for process, _ in services.values():
+            process.terminate()
+            process.wait()
+
+    print(f"medians of {args.rounds} rounds, {args.seconds:g} s each; open loop unless '1 client' (wrk)")
+    print(f"{'load':10s} {'config':34s} {'p50 ms':>8s} {'p99 ms':>8s} {'failed':>7s}   rounds (p50/p99)")
+    failed = 0
+    for (load, config), figures in rows.items():
+        p50, p99 = (statistics.median(f[key] for f in figures) for key in ("p50_ms", "p99_ms"))
+        lost = sum(f["failed"] for f in figures)
+        failed += lost
+        each = ", ".join(f"{f['p50_ms']:.2f}/{f['p99_ms']:.2f}" for f in figures)
+        print(f"{load:10s} {config:34s} {p50:8.2f} {p99:8.2f} {lost:7d}   {each}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
