@@ -19,14 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.launch import percentile
 from bench.openloop import open_loop
 from bench.serving import MESSAGES, WRK, config_env, serve, wrk_load
 from service.settings import DEFAULT_MODEL_DIR
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def open_loop_figures(url: str, rate: float, seconds: float) -> dict[str, float]:
