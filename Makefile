@@ -24,7 +24,7 @@ LLAMA_FLAGS_ID := $(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cpp-python-$(LLAMA_VERSION)-$(TEACHER_ISA)-$(LLAMA_FLAGS_ID)
 MODEL_DIR ?= models/sentiment-minilm-int8
 
-.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak dashboard clean print-settings \
+.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak emulated dashboard clean print-settings \
 	aspect-eval aspect-encoder ray-venv
 
 $(BIN)/python:
@@ -118,6 +118,9 @@ aspect-encoder: $(VENV)/.all  ## re-export the aspect sentence encoder into mode
 
 soak: $(VENV)/.all  ## 10 minutes at 80% of the service's capacity: memory growth and p99 drift (a benchmark)
 	$(BIN)/python bench/soak.py
+
+emulated: $(VENV)/.all  ## each int8 build on an emulated AVX2-only and SSE4.2-only CPU against this one (needs qemu-user)
+	$(BIN)/python bench/emulated.py
 
 dashboard: $(VENV)/.all  ## the dashboard's picture (docs/dashboard.png) from 5 minutes of real traffic (needs prometheus)
 	$(BIN)/python -m bench.dashboard

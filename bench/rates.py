@@ -3,7 +3,7 @@ compiled generator, latency from each request's scheduled time) and one closed-l
 for settings whose effect depends on how requests arrive, such as SENTIMENT_LONE_SPIN: a client that
 waits for each answer and clients that do not can disagree.
 
-  python bench/rates.py --configs auto auto:lone_spin=true [--rates 20 50 100 200] [--seconds 20] [--rounds 3]
+  python bench/rates.py --configs auto auto:lone_spin=false [--rates 20 50 100 200] [--seconds 20] [--rounds 3]
 
 Every configuration runs as its own service, all started before the first measurement; each round
 visits them in turn (order reversed every other round). Prints p50/p99 per rate and configuration, the

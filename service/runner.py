@@ -43,8 +43,9 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     at most SPIN_US before they sleep, and stop when the run ends (`session.force_spinning_stop`), so
     nothing burns CPU between requests. ORT's own spin time held the cores through the gaps the event
     loop needs: open loop at 200 requests/s (2 cores) p99 11.5 ms against 5.8-6.8 ms with 10 us, one
-    client ~3.0 ms either way. Still opt-in (SENTIMENT_LONE_SPIN): against sleeping threads it took
-    0.6 ms off one client's p50 and added 1-9 ms to the open-loop p99 at 100-450/s (bench/rates.py).
+    client ~3.0 ms either way. Against sleeping threads (bench/rates.py, two runs of 3 and 6 rounds) it
+    took 0.6-1.1 ms off one client's p50 and moved the open-loop p99 at 50-450/s by less than the rounds
+    varied, so it is on by default (SENTIMENT_LONE_SPIN=false turns it off).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -105,9 +106,10 @@ class ModelRunner:
 
 
 def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0,
-                  spin_alone: bool = False) -> tuple[Layout, dict[int, ModelRunner]]:
+                  spin_alone: bool = True) -> tuple[Layout, dict[int, ModelRunner]]:
     """The layout for this machine and runners by thread count: the layout's own, and one with every core
-    for a batch that runs alone (spinning during its runs with `spin_alone`: it has the cores to itself).
+    for a batch that runs alone (it has the cores to itself, so it spins during its runs unless
+    `spin_alone` is false).
     What the settings fix is kept; what they leave open (shape 'auto', batch tokens 0) is measured on
     this CPU (service/layout.py)."""
     cores = available_cores()

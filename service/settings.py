@@ -32,9 +32,9 @@ class Settings:
                               "from the manifest's variants, e.g. portable")
     layout: str = _doc("auto", "inference streams x ORT threads, e.g. 2x1; auto: measured at warm-up on this CPU")
     warmup_rounds: int = _doc(3, "warm-up passes over every padded width before the service reports ready")
-    lone_spin: bool = _doc(False, "the every-core session's threads spin between operators while a lone "
-                           "request runs (10 us at most, never between runs): ~0.6 ms off a one-at-a-time "
-                           "client, a slightly worse p99 with independent arrivals")
+    lone_spin: bool = _doc(True, "the every-core session's threads spin between operators while a lone "
+                           "request runs (10 us at most, never between runs): ~0.6-1.1 ms off a one-at-a-time "
+                           "client; false: they sleep between operators")
     max_batch_size: int = _doc(64, "most texts in one inference call")
     max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
     max_wait_ms: float = _doc(2.0, "longest a batch waits for company; 0 when nothing else is queued or running")

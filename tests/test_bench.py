@@ -68,7 +68,7 @@ def test_the_open_loop_generator_records_each_answers_status(service) -> None:
 
 
 def test_the_rates_bench_prints_a_row_per_rate_and_configuration(tiny_model) -> None:
-    configs = ["1x1", "1x1:lone_spin=true"]
+    configs = ["1x1", "1x1:lone_spin=false"]
     out = run_module("bench.rates", "--model", str(tiny_model), "--configs", *configs, "--rates", "20", "40",
                      "--seconds", "1", "--rounds", "2", timeout=300).stdout
     loads = ["20/s", "40/s"] + (["1 client"] if WRK else [])

@@ -72,7 +72,7 @@ def test_throughput_runs_every_stream_and_counts_texts() -> None:
 
 def test_choose_layout_measures_the_real_model(tiny_model) -> None:
     cores = available_cores()
-    layout, runners = choose_layout(load_artifact(tiny_model), spin_alone=True)
+    layout, runners = choose_layout(load_artifact(tiny_model))
     assert layout.streams * layout.threads == cores and layout.batch_tokens in TOKEN_BUDGETS
     assert len(layout.measured) == len(candidate_shapes(cores)) * len(TOKEN_BUDGETS)
     assert all(value > 0 for value in layout.measured.values())
@@ -80,9 +80,9 @@ def test_choose_layout_measures_the_real_model(tiny_model) -> None:
         assert isinstance(runner, ModelRunner)
         assert runner.session.get_session_options().intra_op_num_threads == threads
     assert {layout.threads, cores} <= set(runners)  # the layout's runner, and one with every core
-    fixed, quiet = choose_layout(load_artifact(tiny_model), "1x1", 96)  # the default: nothing spins
+    fixed, quiet = choose_layout(load_artifact(tiny_model), "1x1", 96, spin_alone=False)
     assert (fixed.streams, fixed.threads, fixed.batch_tokens, fixed.reason) == (1, 1, 96, "configured")
-    # Only the every-core session spins (it runs alone), and only while a run lasts; none by default.
+    # Only the every-core session spins (it runs alone), and only while a run lasts; none when turned off.
     assert {threads: spinning(runner) for threads, runner in runners.items()} == {
         threads: ("1", f"1 {SPIN_US}") if threads == cores else ("0", "") for threads in runners}
     assert {spinning(runner) for runner in quiet.values()} == {("0", "")}
