@@ -19,7 +19,7 @@ from service.disconnect import cancel_on_disconnect, closing
 from service.errors import handle_exception
 from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
 from service.metrics import Metrics
-from service.routes import AdminController, HealthController, SentimentController, provide_scorer
+from service.routes import AdminController, HealthController, provide_scorer, sentiment_router
 from service.scoring import Scorer
 from service.settings import Settings
 
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=[SentimentController, HealthController, AdminController, prometheus_metrics],
+        route_handlers=[sentiment_router(settings), HealthController, AdminController, prometheus_metrics],
         dependencies={"scorer": Provide(provide_scorer, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},

@@ -133,10 +133,13 @@ class Fallback:
         """Student predictions in, final answers out (in order), each marked with its source."""
         self.share.observe(len(texts))
         reasons = [self.reason_for(p, policy) for p in predictions]
-        return list(await asyncio.gather(*(
-            self._one(text, prediction, reason, deadline) if reason else
-            asyncio.sleep(0, FallbackDecision(prediction, "student"))
-            for text, prediction, reason in zip(texts, predictions, reasons, strict=True))))
+        decisions = [FallbackDecision(p, "student") for p in predictions]
+        asked = [i for i, reason in enumerate(reasons) if reason]
+        if asked:  # most requests ask nothing: no task and no extra turn of the event loop for them
+            answers = await asyncio.gather(*(self._one(texts[i], predictions[i], reasons[i], deadline) for i in asked))
+            for i, decision in zip(asked, answers, strict=True):
+                decisions[i] = decision
+        return decisions
 
     async def _one(self, text: str, student: Prediction, reason: str, deadline: float) -> FallbackDecision:
         outcome, answer = await self.ask(text, deadline, forced=reason == "forced")

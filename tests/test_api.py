@@ -210,6 +210,8 @@ def test_api_keys_guard_the_v1_routes(tiny_model, tmp_path) -> None:
         assert client.post("/v1/sentiment", json={"text": "hi"}, headers={"x-api-key": "k2"}).status_code == 200
         ok = client.post("/v1/sentiment", json={"text": "hi"}, headers={"authorization": "Bearer k1"})
         assert ok.status_code == 200
+        assert client.get("/v1/model").status_code == 401
+        assert client.get("/v1/model", headers={"x-api-key": "k1"}).status_code == 200
         assert client.get("/health/ready").status_code == 200  # probes need no key
 
 
