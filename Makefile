@@ -120,7 +120,8 @@ soak: $(VENV)/.all  ## 10 minutes at 80% of the service's capacity: memory growt
 	$(BIN)/python bench/soak.py
 
 emulated: $(VENV)/.all  ## each int8 build on an emulated AVX2-only and SSE4.2-only CPU against this one (needs qemu-user)
-	$(BIN)/python bench/emulated.py
+	$(BIN)/python bench/emulated.py --texts messages
+	$(BIN)/python bench/emulated.py --texts dev --per-source 50 --cpus Haswell
 
 dashboard: $(VENV)/.all  ## the dashboard's picture (docs/dashboard.png) from 5 minutes of real traffic (needs prometheus)
 	$(BIN)/python -m bench.dashboard
