@@ -26,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from export.gate import onnx_logits
 from service.artifact import MANIFEST_FILE, Variant, load_artifact, variants_of
-from service.runner import ModelRunner
 from service.settings import DEFAULT_MODEL_DIR
+from service.tokenization import TextEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = shutil.which("qemu-x86_64")
@@ -38,18 +39,14 @@ def variants(model_dir: Path) -> list[Variant]:
     return variants_of(load_artifact(model_dir, verify_hash=False).manifest, model_dir / MANIFEST_FILE)
 
 
-def variant_logits(model_dir: Path, name: str, texts: list[str], batch: int = 16) -> np.ndarray:
-    """Logits of every text in order, one ORT thread, batches of similar length."""
+def variant_logits(model_dir: Path, name: str, texts: list[str]) -> np.ndarray:
+    """Logits of every text in order, in batches of 16 of similar length."""
     every_flag = {flag for variant in variants(model_dir) for flag in variant.requires_any}
     # Pinned whatever this CPU's flags: the point is to see what a build does where it would not be chosen.
-    runner = ModelRunner(load_artifact(model_dir, False, name, flags=every_flag), threads=1, spin=False)
-    encoded = runner.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i].ids))
-    out = np.zeros((len(texts), len(runner.labels)), np.float32)
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        out[idx] = runner.logits([encoded[i].ids for i in idx])
-    return out
+    artifact = load_artifact(model_dir, False, name, flags=every_flag)
+    manifest = artifact.manifest
+    encoder = TextEncoder(artifact.tokenizer_path, manifest.max_tokens, manifest.head_tokens)
+    return onnx_logits(artifact.model_path, encoder, texts, batch_size=16)
 
 
 def emulated_logits(cpu: str, model_dir: Path, name: str, texts_file: Path, work: Path) -> np.ndarray:
