@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from litestar import Request, Response
@@ -60,35 +60,47 @@ _HTTP_STATUS_KIND = {
 }
 
 
-def error_response(kind: ErrorKind, message: str, details: Any = None,
-                   retry_after: float | None = None) -> Response[dict[str, Any]]:
+class ErrorAnswer(NamedTuple):
+    """An error as the client sees it: status, the JSON body of DESIGN.md and extra headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] | None = None
+
+
+def error_answer(kind: ErrorKind, message: str, details: Any = None, retry_after: float | None = None) -> ErrorAnswer:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    body = {"error": {"code": kind.code, "message": message, "details": details}}
-    return Response(body, status_code=kind.status, headers=headers)
+    return ErrorAnswer(kind.status, {"error": {"code": kind.code, "message": message, "details": details}}, headers)
 
 
 def handle_exception(request: Request, exc: Exception) -> Response[dict[str, Any]]:
-    """Every exception that reaches Litestar becomes the JSON error body of DESIGN.md."""
+    """Litestar's exception handler: every exception that reaches it becomes the JSON error body."""
+    answer = answer_for(exc, request.url.path)
+    return Response(answer.body, status_code=answer.status, headers=answer.headers)
+
+
+def answer_for(exc: Exception, path: str) -> ErrorAnswer:
+    """The answer to a request that raised `exc` (also used by routes Litestar does not answer itself)."""
     if isinstance(exc, ServiceError):
-        return error_response(exc.kind, exc.message, exc.details, exc.retry_after)
+        return error_answer(exc.kind, exc.message, exc.details, exc.retry_after)
     decode_error = _body_decode_error(exc)
     if isinstance(decode_error, msgspec.ValidationError):
         return _schema_violation(str(decode_error))
     if decode_error is not None:
-        return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)",
-                              str(decode_error))
+        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)",
+                            str(decode_error))
     if isinstance(exc, UnicodeDecodeError):  # raised only by Litestar's decoding of the request body
-        return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid UTF-8", str(exc.reason))
+        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid UTF-8", str(exc.reason))
     if isinstance(exc, ValidationException):
-        return _validation_response(exc)
+        return _validation_answer(exc)
     if isinstance(exc, HTTPException):
         kind = _HTTP_STATUS_KIND.get(exc.status_code, ErrorKind.INTERNAL)
         if kind is ErrorKind.INTERNAL and exc.status_code < 500:
-            return Response({"error": {"code": "http_error", "message": exc.detail, "details": None}},
-                            status_code=exc.status_code)
-        return error_response(kind, exc.detail, exc.extra or None)
-    log.exception("unhandled error", extra={"error_type": type(exc).__name__, "path": request.url.path})
-    return error_response(ErrorKind.INTERNAL, "internal error")
+            return ErrorAnswer(exc.status_code, {"error": {"code": "http_error", "message": exc.detail,
+                                                           "details": None}})
+        return error_answer(kind, exc.detail, exc.extra or None)
+    log.exception("unhandled error", extra={"error_type": type(exc).__name__, "path": path})
+    return error_answer(ErrorKind.INTERNAL, "internal error")
 
 
 def _body_decode_error(exc: BaseException) -> msgspec.DecodeError | None:
@@ -107,23 +119,23 @@ def _body_decode_error(exc: BaseException) -> msgspec.DecodeError | None:
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def _schema_violation(message: str) -> Response[dict[str, Any]]:
+def _schema_violation(message: str) -> ErrorAnswer:
     """msgspec's 'Expected `str`, got `int` - at `$.texts[0]`' as a 422 naming the field."""
     match = _PATH.search(message)
     field = match.group(1) or None if match else None
     text = _PATH.sub("", message)
     details = [{"field": field, "message": text}]
-    return error_response(ErrorKind.INVALID_REQUEST, f"{field}: {text}" if field else text, details)
+    return error_answer(ErrorKind.INVALID_REQUEST, f"{field}: {text}" if field else text, details)
 
 
-def _validation_response(exc: ValidationException) -> Response[dict[str, Any]]:
+def _validation_answer(exc: ValidationException) -> ErrorAnswer:
     """Litestar raises ValidationException both for unparseable bodies and for schema violations."""
     detail = str(exc.detail or "")
     extra = exc.extra if isinstance(exc.extra, list) else []
     if "malformed" in detail.lower() or ("json" in detail.lower() and not extra):
-        return error_response(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)", detail)
+        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)", detail)
     fields = [{"field": item.get("key"), "message": item.get("message")} for item in extra if isinstance(item, dict)]
     message = fields[0]["message"] if fields else detail
     if fields and fields[0]["field"]:
         message = f"{fields[0]['field']}: {message}"
-    return error_response(ErrorKind.INVALID_REQUEST, message, fields or None)
+    return error_answer(ErrorKind.INVALID_REQUEST, message, fields or None)

@@ -15,6 +15,7 @@ from litestar.dto import DTOConfig, MsgspecDTO
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 
+from service.direct import direct_json
 from service.errors import ErrorKind, ServiceError
 from service.schemas import (
     AspectResult,
@@ -38,7 +39,8 @@ from service.settings import Settings
 
 
 class SentimentRequestDTO(MsgspecDTO[SentimentRequest]):
-    """Bodies decode straight into the Struct (typed msgspec): faster, and nesting depth cannot matter."""
+    """Bodies decode straight into the Struct (typed msgspec): faster, and nesting depth cannot matter.
+    POST /v1/sentiment's body is decoded the same way by `direct_json`; its DTO documents it."""
 
     config = DTOConfig(forbid_unknown_fields=True)
 
@@ -100,29 +102,34 @@ async def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None
         raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or invalid API key")
 
 
+@post("/sentiment", status_code=200, summary="Score one text or a list of texts", tags=["sentiment"],
+      dto=SentimentRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS),
+      middleware=[direct_json(SentimentRequest)])
+async def score(data: SentimentRequest, scorer: Scorer) -> SentimentResponse:
+    """Called by `direct_json` (service/direct.py), not by Litestar: the hot route skips Litestar's
+    per-request machinery. The decorator documents the route for OpenAPI."""
+    texts = check_texts(data, scorer.settings)
+    scored = await scorer.score(texts, data.fallback or scorer.settings.fallback, data.aspects)
+    manifest = scorer.artifact.manifest
+    results = [SentimentResult(
+        label=s.decision.prediction.label, score=s.decision.prediction.score,
+        scores=s.decision.prediction.scores, source=s.decision.source, truncated=s.truncated,
+        fallback=FallbackInfo(s.decision.reason, s.decision.outcome or "") if s.decision.reason else None,
+        aspects=msgspec.UNSET if s.aspects is None else [AspectResult(o.aspect, o.label, o.score, o.span)
+                                                         for o in s.aspects],
+    ) for s in scored]
+    return SentimentResponse(model=ModelRef(manifest.name, manifest.version), results=results)
+
+
 def sentiment_router(settings: Settings) -> Router:
     """/v1: the scoring routes, behind the API-key guard where keys are configured."""
-    return Router("/v1", route_handlers=[SentimentController], guards=[api_key_guard] if settings.api_keys else [])
+    guards = [api_key_guard] if settings.api_keys else []
+    return Router("/v1", route_handlers=[score, SentimentController], guards=guards)
 
 
 class SentimentController(Controller):
     path = "/"
     tags = ["sentiment"]
-
-    @post("/sentiment", status_code=200, summary="Score one text or a list of texts",
-          dto=SentimentRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS))
-    async def score(self, data: SentimentRequest, scorer: Scorer) -> SentimentResponse:
-        texts = check_texts(data, scorer.settings)
-        scored = await scorer.score(texts, data.fallback or scorer.settings.fallback, data.aspects)
-        manifest = scorer.artifact.manifest
-        results = [SentimentResult(
-            label=s.decision.prediction.label, score=s.decision.prediction.score,
-            scores=s.decision.prediction.scores, source=s.decision.source, truncated=s.truncated,
-            fallback=FallbackInfo(s.decision.reason, s.decision.outcome or "") if s.decision.reason else None,
-            aspects=msgspec.UNSET if s.aspects is None else [AspectResult(o.aspect, o.label, o.score, o.span)
-                                                             for o in s.aspects],
-        ) for s in scored]
-        return SentimentResponse(model=ModelRef(manifest.name, manifest.version), results=results)
 
     @post("/sentiment/explain", status_code=200, summary="The teacher's label and rationale for one text",
           dto=ExplainRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS, 502))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -136,6 +139,45 @@ def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(service, body,
         if status == 413:  # answered before the body was read: the client must not reuse the connection
             assert response.headers.get("connection") == "close"
         assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
+
+
+def chunks(body: bytes, size: int) -> Iterator[bytes]:
+    """A body sent chunked, with no Content-Length: the service gets it in several pieces."""
+    yield from (body[i:i + size] for i in range(0, len(body), size))
+
+
+def test_a_chunked_body_is_read_whole_and_held_to_the_size_limit(service, runner, batch_noise) -> None:
+    texts = [f"{text} " * (1500 // (len(text) + 1)) for text in TEXTS]  # ~12 kB: a dozen chunks of 1,000 bytes
+    body = json.dumps({"texts": texts}).encode()
+    too_large = b'{"text": "' + b"y" * 30000 + b'"}'
+    with service.client() as client:
+        whole = client.post("/v1/sentiment", content=chunks(body, 1000), headers={"content-type": "application/json"})
+        refused = client.post("/v1/sentiment", content=chunks(too_large, 4096),
+                              headers={"content-type": "application/json"})
+        assert client.post("/v1/sentiment", json={"text": "still here"}).status_code == 200
+    assert whole.status_code == 200, whole.text
+    assert_matches_runner(whole.json()["results"], texts, runner, batch_noise)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "payload_too_large"
+    assert "20000 bytes" in refused.json()["error"]["message"]
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_and_the_server_keeps_serving(service) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    hung_up = 'sentiment_request_duration_seconds_count{method="POST",route="/v1/sentiment",status="499"}'
+    with service.client() as client:
+        before = client.get("/metrics").text
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/sentiment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 5000\r\n\r\n" + b'{"text": "half a bo')
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert client.post("/v1/sentiment", json={"text": "next"}).status_code == 200
+        after = client.get("/metrics").text
+    assert metric(after, hung_up) == metric(before, hung_up) + 1
+
+
+def metric(text: str, series: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
 
 
 HOSTILE_BODIES = {
