@@ -33,6 +33,11 @@ def run_module(*args: str, check: bool = True, timeout: float = 600,
     return result
 
 
+def metric(text: str, series: str) -> float:
+    """The sum of a Prometheus exposition's samples whose line starts with `series`."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
+
+
 def served_file(model_dir: Path) -> Path:
     """The model file this CPU is served from (model.onnx, or a faster variant the manifest lists)."""
     from service.artifact import load_artifact

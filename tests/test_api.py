@@ -17,7 +17,7 @@ import pytest
 
 from service.artifact import LABELS, load_artifact, sha256_of
 from service.runner import ModelRunner
-from tests.conftest import ROOT, rehash, running_service, served_file
+from tests.conftest import ROOT, metric, rehash, running_service, served_file
 
 TEXTS = ["I love it", "This is terrible", "Where is my parcel?", "meh", "Fantastic support, thank you!",
          "The app crashed again and I lost my work", "ok", "Refund me now."]
@@ -174,10 +174,6 @@ def test_a_client_that_hangs_up_mid_body_is_counted_and_the_server_keeps_serving
         assert client.post("/v1/sentiment", json={"text": "next"}).status_code == 200
         after = client.get("/metrics").text
     assert metric(after, hung_up) == metric(before, hung_up) + 1
-
-
-def metric(text: str, series: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
 
 
 HOSTILE_BODIES = {

@@ -19,7 +19,7 @@ from service.artifact import LABELS
 from service.fallback import Fallback
 from service.metrics import Metrics
 from service.teacher import TeacherClient
-from tests.conftest import running_service
+from tests.conftest import metric, running_service
 
 FAULTS = {
     "off-format logprobs": {"choices": [{"text": " positive", "logprobs": {"top_logprobs": [[1, 2]]}}]},
@@ -112,10 +112,6 @@ def test_explanations_beyond_the_bound_are_refused_at_once_not_queued(faulty_ser
     assert codes == ["teacher_busy", "teacher_busy", "teacher_unavailable"]  # one call in flight, it times out
     assert all(r.status_code == 503 and r.headers["retry-after"] for r in responses)
     assert time.perf_counter() - started < 2.0  # nobody waited behind the hung call
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_a_client_that_hangs_up_gets_its_teacher_call_cancelled(faulty_service) -> None:
