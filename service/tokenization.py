@@ -45,11 +45,9 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         out = []
         budget = self.max_tokens - 2
-        if len(texts) == 1:  # the batch path's thread pool costs one text more on busy cores (33 vs 22 us)
-            encodings = [self._tokenizer.encode(texts[0], add_special_tokens=False)]
-        else:
-            encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        for encoding in encodings:
+        # The fast batch path skips character offsets, which nothing here uses: the same ids, one text 18.6
+        # against 21.5 us with `encode`, 8 texts 184 against 206 us with `encode_batch` (medians, hot).
+        for encoding in self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False):
             ids = encoding.ids
             truncated = len(ids) > budget
             if truncated:

@@ -28,3 +28,12 @@ def test_padding_is_to_the_longest_in_the_batch_not_to_128() -> None:
     ids, mask = encoder.pad([e.ids for e in encoded])
     assert ids.shape == (2, max(len(e.ids) for e in encoded)) and ids.shape[1] < 20
     assert mask.sum() == sum(len(e.ids) for e in encoded)
+
+
+def test_ids_are_the_tokenizers_own_alone_and_in_a_batch() -> None:
+    """The fast batch path (no offsets) gives the ids of the tokenizer's plain `encode`, for one text or many."""
+    encoder = TextEncoder(backbone_dir() / "tokenizer.json", max_tokens=512)
+    texts = ["I love it", "Ünïcödé and emoji 😀👍🏽", "zero\u200bwidth", "nul\x00byte", "Refund me NOW!!!", "ok"]
+    want = [[101, *encoder._tokenizer.encode(text, add_special_tokens=False).ids, 102] for text in texts]
+    assert [e.ids for e in encoder.encode(texts)] == want
+    assert [encoder.encode([text])[0].ids for text in texts] == want
