@@ -230,6 +230,9 @@ def test_model_health_docs_and_metrics_routes(service, tiny_model) -> None:
         assert client.get("/health/ready").status_code == 200
         spec = client.get("/schema/openapi.json").json()
         assert "/v1/sentiment" in spec["paths"] and "/v1/sentiment/explain" in spec["paths"]
+        scoring = spec["paths"]["/v1/sentiment"]["post"]  # answered by service/direct.py, documented as ever
+        assert scoring["requestBody"]["content"]["application/json"]["schema"]
+        assert {"200", "413", "422", "503"} <= set(scoring["responses"])
         client.post("/v1/sentiment", json={"texts": ["good", "bad"]})
         metrics = client.get("/metrics").text
     for name in ("sentiment_request_duration_seconds_bucket", "sentiment_queue_wait_seconds_bucket",
