@@ -1,22 +1,25 @@
 """The hot route answered in plain ASGI, in place of Litestar's handling of it.
 
-`direct_json(RequestStruct)` is route middleware that answers every request itself: it runs the route's
-guards, reads the body (within the route's size limit), decodes it straight into the Struct, calls the
-handler function with it and the scorer, and encodes the Struct it returns. Litestar still routes the
-request and runs the app's middleware (timing, disconnects, draining) around it, and the handler stays
-an ordinary documented route (OpenAPI, the contract tests). What is skipped is Litestar's per-request
-machinery for the handler (connection object, kwargs model, DTO, signature model, response object):
-the event loop's CPU per request on POST /v1/sentiment went from 0.64 to 0.46 ms, one client 0.4 ms
-faster, 7-9% more throughput at 64 (README, "Where the time goes"). Errors get the same JSON bodies as
-everywhere else (`service.errors.answer_for`).
+`direct_json(RequestStruct, name=provider, ...)` is route middleware that answers every request itself:
+it runs the route's guards, reads the body (within the route's size limit), decodes it straight into the
+Struct, calls the handler function with it and the named dependencies (from the same providers Litestar
+uses), and encodes the Struct it returns. Litestar still routes the request and runs the app's
+middleware (timing, disconnects, draining) around it, and the handler stays an ordinary documented route
+(OpenAPI, the contract tests). What is skipped is Litestar's per-request machinery for the handler
+(connection object, kwargs model, DTO, signature model, response object): the event loop's CPU per
+request on POST /v1/sentiment went from 0.64 to 0.46 ms, one client 0.4 ms faster, 7-9% more throughput
+at 64 (README, "Where the time goes"). Errors get the same JSON bodies as everywhere else
+(`service.errors.answer_for`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ErrorKind, ServiceError, answer_for
@@ -25,9 +28,11 @@ _encoder = msgspec.json.Encoder()
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def direct_json(request_type: type[msgspec.Struct]) -> Callable[[ASGIApp], ASGIApp]:
-    """Middleware for a route whose handler takes `data: request_type, scorer: Scorer` and returns a Struct;
-    the wrapped app (Litestar's handling of the route) is never called."""
+def direct_json(request_type: type[msgspec.Struct],
+                **dependencies: Callable[[State], Any]) -> Callable[[ASGIApp], ASGIApp]:
+    """Middleware for a route whose handler takes `data: request_type` and the named dependencies (each
+    provided from the app's state) and returns a Struct; the wrapped app (Litestar's handling of the
+    route) is never called."""
     decoder = msgspec.json.Decoder(request_type)
 
     def wrap(app: ASGIApp) -> ASGIApp:
@@ -39,7 +44,9 @@ def direct_json(request_type: type[msgspec.Struct]) -> Callable[[ASGIApp], ASGIA
                 body = await read_body(scope, receive, handler.resolve_request_max_body_size())
                 if body is None:  # the client hung up mid-body: nobody is left to answer
                     return
-                result = await handler.fn(data=decoder.decode(body), scorer=scope["litestar_app"].state.scorer)
+                state = scope["litestar_app"].state
+                provided = {name: provide(state) for name, provide in dependencies.items()}
+                result = await handler.fn(data=decoder.decode(body), **provided)
                 status, payload, extra = 200, _encoder.encode(result), []
             except Exception as exc:
                 error = answer_for(exc, scope["path"])

@@ -102,9 +102,13 @@ async def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None
         raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or invalid API key")
 
 
+def provide_scorer(state: State) -> Scorer:
+    return state.scorer
+
+
 @post("/sentiment", status_code=200, summary="Score one text or a list of texts", tags=["sentiment"],
       dto=SentimentRequestDTO, return_dto=None, responses=error_responses(*SCORING_ERRORS),
-      middleware=[direct_json(SentimentRequest)])
+      middleware=[direct_json(SentimentRequest, scorer=provide_scorer)])
 async def score(data: SentimentRequest, scorer: Scorer) -> SentimentResponse:
     """Called by `direct_json` (service/direct.py), not by Litestar: the hot route skips Litestar's
     per-request machinery. The decorator documents the route for OpenAPI."""
@@ -198,7 +202,4 @@ class HealthController(Controller):
             return Response(Health("ready", details))
         return Response(Health("not_ready", details), status_code=503, headers={"Retry-After": "1"})
 
-
-def provide_scorer(state: State) -> Scorer:
-    return state.scorer
 
