@@ -33,6 +33,7 @@ from service.runner import ModelRunner
 from service.settings import DEFAULT_MODEL_DIR
 
 TICKS = 100  # clock ticks per second in /proc/*/stat (USER_HZ, 100 on Linux)
+ROLES = ("event loop", "granian I/O", "inference + ORT pools", "load generator (wrk)")
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -52,6 +53,15 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds of the whole machine (/proc/stat): busy, idle, and stolen by the hypervisor for other
+    guests (a shared machine's noise, visible)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return {"busy": (user + nice + system + irq + softirq) / TICKS, "idle": (idle + iowait) / TICKS,
+            "steal": steal / TICKS}
+
+
 def metric_sums(url: str) -> dict[str, float]:
     wanted = ("sentiment_inference_duration_seconds_sum", "sentiment_inference_duration_seconds_count",
               "sentiment_batch_size_sum", "sentiment_batch_tokens_sum")
@@ -65,9 +75,9 @@ def metric_sums(url: str) -> dict[str, float]:
 
 def measure(url: str, worker: int, clients: int, seconds: float) -> dict[str, float]:
     wrk_load(url, clients, 1.0)  # warm
-    cpu, sums = thread_cpu(worker), metric_sums(url)
+    cpu, sums, machine = thread_cpu(worker), metric_sums(url), machine_cpu()
     load = wrk_load(url, clients, seconds)
-    cpu_after, sums_after = thread_cpu(worker), metric_sums(url)
+    cpu_after, sums_after, machine_after = thread_cpu(worker), metric_sums(url), machine_cpu()
     delta = {k: sums_after[k] - sums[k] for k in sums}
     requests = load["texts_per_s"] * seconds
     batches = max(1.0, delta["sentiment_inference_duration_seconds_count"])
@@ -78,6 +88,12 @@ def measure(url: str, worker: int, clients: int, seconds: float) -> dict[str, fl
     for role, value in cpu_after.items():
         out[f"{role} cores"] = (value - cpu[role]) / seconds
         out[f"{role} ms/request"] = (value - cpu[role]) / requests * 1000
+    out["load generator (wrk) cores"] = load["generator_cores"]
+    out["load generator (wrk) ms/request"] = load["generator_cores"] / load["texts_per_s"] * 1000
+    machine_cores = {k: (machine_after[k] - machine[k]) / seconds for k in machine}
+    accounted = sum(out[f"{role} cores"] for role in ROLES)
+    out["anything else busy cores"] = max(0.0, machine_cores["busy"] - accounted)
+    out["idle cores"], out["stolen cores"] = machine_cores["idle"], machine_cores["steal"]
     return out
 
 
@@ -118,8 +134,10 @@ def main() -> None:
     for clients, f in figures.items():
         print(f"\n{clients} connection(s): {f['texts_per_s']:.0f} texts/s, p50 {f['p50_ms']:.2f} ms, "
               f"p99 {f['p99_ms']:.1f} ms; batches of {f['batch_texts']:.1f} texts, {f['batch_ms']:.2f} ms each")
-        for role in ("event loop", "granian I/O", "inference + ORT pools"):
-            print(f"  {role:22} {f[f'{role} cores']:5.2f} cores  {f[f'{role} ms/request']:6.3f} ms CPU per request")
+        for role in ROLES:
+            print(f"  {role:26} {f[f'{role} cores']:5.2f} cores  {f[f'{role} ms/request']:6.3f} ms CPU per request")
+        for rest in ("anything else busy", "idle", "stolen"):
+            print(f"  {rest:26} {f[f'{rest} cores']:5.2f} cores")
         print(f"  streams busy {f['inference_busy_s'] / streams:.0%} of the time")
     same = figures[64]
     print(f"\nthe same batches ({round(same['batch_texts'])} texts) in-process, {streams}x{threads}, nothing else "

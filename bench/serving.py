@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -140,14 +141,18 @@ def wrk_load(url: str, clients: int, seconds: float, extra: dict | None = None) 
     bodies = ", ".join(f"[[{orjson.dumps({'text': text, **(extra or {})}).decode()}]]" for text in MESSAGES)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_SCRIPT % bodies)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk's CPU once it has been waited for
     try:
         out = subprocess.run([WRK, "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "-s", script.name,
                               "--timeout", "10s", url], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(script.name)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     figures = json.loads(out[out.index("WRK ") + 4:].splitlines()[0])
+    wrk_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return {"texts_per_s": figures["requests"] / figures["seconds"], "p50_ms": figures["p50_us"] / 1000,
-            "p99_ms": figures["p99_us"] / 1000, "errors": figures["errors"]}
+            "p99_ms": figures["p99_us"] / 1000, "errors": figures["errors"],
+            "generator_cores": wrk_cpu / figures["seconds"]}
 
 
 def config_env(config: str) -> dict[str, str]:

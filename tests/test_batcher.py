@@ -76,21 +76,33 @@ def test_every_caller_gets_its_own_rows_in_order_and_limits_hold(requests, max_b
 @settings(max_examples=30, deadline=None)
 @given(queue_size=st.integers(1, 20), burst=st.integers(1, 40))
 def test_a_full_queue_rejects_instead_of_growing(queue_size, burst) -> None:
-    infer = RecordingInfer(delay=0.01)
+    release = threading.Event()
+    started = threading.Event()
+
+    def infer(sequences):  # the first text holds the only stream until the burst is in
+        started.set()
+        release.wait(10)
+        return [[s[0], len(s), sum(s)] for s in sequences]
 
     async def scenario() -> tuple[int, int]:
         batcher = Batcher(infer, Metrics(), max_batch_size=2, max_wait=0.0, queue_size=queue_size)
         batcher.start()
         deadline = time.perf_counter() + 30
-        outcomes = await asyncio.gather(*(batcher.submit([[i + 1, 2]], deadline) for i in range(burst)),
-                                        return_exceptions=True)
+        holding = asyncio.create_task(batcher.submit([[999, 2]], deadline))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        burst_tasks = [asyncio.create_task(batcher.submit([[i + 1, 2]], deadline)) for i in range(burst)]
+        await asyncio.sleep(0.01)  # every submission is in (or refused) while the stream is held
+        release.set()
+        outcomes = await asyncio.gather(*burst_tasks, return_exceptions=True)
+        await holding
         await batcher.close()
         rejected = [o for o in outcomes if isinstance(o, ServiceError)]
         assert all(e.kind is ErrorKind.OVERLOADED and e.retry_after for e in rejected)
         return burst - len(rejected), len(rejected)
 
     accepted, rejected = asyncio.run(scenario())
-    # All submissions arrive before the worker runs, so exactly queue_size fit.
+    # The stream is held, so nothing leaves the queue during the burst: exactly queue_size fit.
     assert accepted == min(burst, queue_size) and rejected == max(0, burst - queue_size)
 
 
@@ -140,7 +152,7 @@ def test_a_stream_whose_queue_another_stream_emptied_keeps_serving() -> None:
         await asyncio.sleep(0.01)  # now both streams wait for a third text
         await batcher.submit([[4, 1]], deadline)  # a stream takes its share, the other the rest
         await rest
-        alive = [not task.done() for task in batcher._tasks]
+        alive = [thread.is_alive() for thread in batcher._threads]
         await batcher.close()
         return alive
 
