@@ -22,17 +22,16 @@ from typing import Protocol
 # Padded tokens per batch (texts × longest) tried at warm-up. Tokens, not texts, decide a batch's cost,
 # so the choice carries over from the calibration's lengths to the traffic's.
 TOKEN_BUDGETS = (32, 64, 128, 256, 512)
-# Within this share of the best throughput candidates count as equal (the machine is noisy): more
-# streams then win, then the smaller budget.
-# - Streams: calibration runs with an idle event loop; serving, the loop (HTTP, tokenising) takes part of a
-#   core, and a multi-thread stream waits at every operator for its preempted thread while a one-thread
-#   stream loses only its own share. On 2 cores at 64 clients 2x1 with 128-token batches served 1.2x
-#   what 1x2 with 256 did (846 against 701 texts/s, p99 141 against 177 ms).
-# - Budget: a text can wait behind a whole batch, so at equal throughput the smaller batch answers
-#   sooner. Open loop at 560 requests/s (2x1, 2 cores): p99 34 / 48 / 62 ms with budgets of 64 / 128 /
-#   256 tokens, which calibration had measured within 5% of each other. (Larger budgets once won ties
-#   to save the event loop's work per batch; the streams now take their own batches, service/batcher.py.)
-# A lone request still gets every core (service/engine.py).
+# Within this share of the best throughput candidates count as equal (the machine is noisy), and then
+# more streams win; among as many streams, the fastest measured. Calibration runs with an idle event
+# loop; serving, the loop (HTTP, tokenising) takes part of a core, and a multi-thread stream waits at
+# every operator for its preempted thread while a one-thread stream loses only its own share. On 2 cores
+# at 64 clients 2x1 with 128-token batches served 1.2x what 1x2 with 256 did (846 against 701 texts/s,
+# p99 141 against 177 ms). No tie-break on the budget: serving adds per-batch costs calibration does not
+# see (2x1 with budgets of 32 / 64 / 128 / 256 tokens, which calibration put within 5% of each other,
+# served 0.57-0.66 / 0.78 / 0.81-0.83 / 0.73-0.75 of the limit), while smaller batches answer sooner
+# (open loop at 560 requests/s: p99 34 / 48 / 62 ms with 64 / 128 / 256), so neither a larger nor a
+# smaller budget is right by default. A lone request still gets every core (service/engine.py).
 NOISE_MARGIN = 0.05
 
 
@@ -147,12 +146,12 @@ def calibrate(runners: dict[int, Runs], shapes: list[tuple[int, int]], sequences
 
 
 def choose(measured: dict[tuple[int, int, int], float]) -> Layout:
-    """The fastest (streams, threads, token budget); within NOISE_MARGIN of it, the most streams, then
-    the smallest budget."""
+    """The fastest (streams, threads, token budget), unless one with more streams is within NOISE_MARGIN
+    of it: then the fastest of those."""
     best_key = max(measured, key=measured.__getitem__)
     best = measured[best_key]
     near = [key for key, value in measured.items() if value >= (1 - NOISE_MARGIN) * best]
-    key = max(near, key=lambda k: (k[0], -k[2]))
+    key = max(near, key=lambda k: (k[0], measured[k]))
     streams, threads, budget = key
     reason = f"{streams}x{threads}, batches up to {budget} tokens: {measured[key]:.0f} texts/s measured here"
     if key != best_key:
