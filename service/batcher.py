@@ -114,7 +114,7 @@ class Batcher:
             batch, infer = work
             rows, error = self._run(batch, infer)
             with self._state:
-                self._in_flight.remove(batch)
+                self._in_flight = [running for running in self._in_flight if running is not batch]
                 self._alone = False
                 self._state.notify_all()
             self._on_loop(self._deliver, batch, rows, error)
