@@ -264,3 +264,24 @@ def test_a_burst_is_shared_by_the_idle_streams_and_the_rest_does_not_wait_again(
     (first_size, _, first_end), (second_size, second_start, _) = sorted(spans, key=lambda span: span[1])
     assert (first_size, second_size) == (4, 3)  # the share rounds up: ceil(7 / 2 idle streams)
     assert second_start < first_end  # side by side, not one after the other
+
+
+def test_a_caller_that_leaves_mid_batch_costs_the_others_nothing() -> None:
+    infer = RecordingInfer(delay=0.1)
+
+    async def scenario() -> None:
+        batcher = Batcher(infer, Metrics(), max_batch_size=8, max_wait=0.01, workers=1)
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        leaving = asyncio.create_task(batcher.submit([[1, 1]], deadline))
+        staying = asyncio.create_task(batcher.submit([[2, 1]], deadline))
+        while not infer.batches:  # both are in the running batch
+            await asyncio.sleep(0.005)
+        leaving.cancel()
+        assert [int(row[0]) for row in await staying] == [2]
+        assert (await asyncio.gather(leaving, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+        assert [int(row[0]) for row in await batcher.submit([[3, 1]], deadline)] == [3]  # the stream serves on
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert infer.batches[0] == (2, 2)  # the two shared one batch
