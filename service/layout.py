@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-# Padded tokens per batch (texts × longest) tried at warm-up. Tokens, not texts, decide a batch's cost,
-# so the choice carries over from the calibration's lengths to the traffic's.
+# Padded tokens per batch (texts × longest) tried at warm-up. Tokens, not texts, decide most of a batch's
+# cost, so the choice roughly carries over from the calibration's lengths to the traffic's (not exactly:
+# calibration put 64 tokens first in every start of 2026-11-29, while the bench's short messages served
+# best at 128; calibration sees neither the traffic's lengths nor the server's per-batch costs).
 TOKEN_BUDGETS = (32, 64, 128, 256, 512)
 # Within this share of the best throughput candidates count as equal (the machine is noisy), and then
 # more streams win; among as many streams, the fastest measured. Calibration runs with an idle event

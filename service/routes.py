@@ -201,5 +201,3 @@ class HealthController(Controller):
         if scorer.ready and not scorer.draining:
             return Response(Health("ready", details))
         return Response(Health("not_ready", details), status_code=503, headers={"Retry-After": "1"})
-
-
