@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 # Padded tokens per batch (texts × longest) tried at warm-up. Tokens, not texts, decide most of a batch's
-# cost, so the choice roughly carries over from the calibration's lengths to the traffic's (not exactly:
-# calibration put 64 tokens first in every start of 2026-11-29, while the bench's short messages served
-# best at 128; calibration sees neither the traffic's lengths nor the server's per-batch costs).
+# cost, so the choice roughly carries over from the calibration's lengths to the traffic's (roughly: on
+# the Zen 4 calibration put 64 first in every start while the bench's messages served best at 128; on
+# an AVX2 Zen 3 it chose 128 in three starts and 64 in one).
 TOKEN_BUDGETS = (32, 64, 128, 256, 512)
 # Within this share of the best throughput candidates count as equal (the machine is noisy), and then
 # more streams win; among as many streams, the fastest measured. Calibration runs with an idle event
