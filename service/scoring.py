@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import logging
 import time
@@ -127,6 +128,7 @@ class Scorer:
                 Engine.started(self.artifact, self.settings, self.metrics))
             if self.taxonomy:
                 self.aspects = await asyncio.to_thread(self._aspect_model, self.engine.runner)
+            settle_heap()
             self.ready = True
             self.metrics.ready.set(1)
             log.info("model ready", extra={"model": self.artifact.manifest.name})
@@ -162,6 +164,7 @@ class Scorer:
             self._publish_model_info()
             log.info("model reloaded", extra={"model": artifact.manifest.name, "version": artifact.manifest.version})
             await retiring.aclose()
+            settle_heap()
             return previous, artifact
 
     def _aspect_model(self, student: ModelRunner) -> AspectModel:
@@ -339,6 +342,17 @@ class Scorer:
                                {"outcome": answer.outcome, "detail": answer.detail},
                                retry_after=2 if unavailable else None)
         return answer, scored[0]
+
+
+def settle_heap() -> None:
+    """Take what start-up built (libraries, the app, the models) out of the cyclic collector's reach, so a
+    full collection walks only what requests left behind. Under open-loop load on the AVX2 Zen 3 a full
+    collection held the GIL, and so the event loop, for 85-120 ms (about one every 30 s at 230 requests/s);
+    once frozen, 5 ms. Called again after a reload: the retired engine is unfrozen first, so whatever
+    cycles it left can still be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _regions(texts: Sequence[str], located: Sequence[list[AspectClause]]) -> tuple[list[str], list[list[int]]]:
