@@ -77,3 +77,14 @@ def test_the_rates_bench_prints_a_row_per_rate_and_configuration(tiny_model) -> 
             row = re.search(rf"^{re.escape(load)}\s+{re.escape(config)}\s+([\d.]+)\s+([\d.]+)\s+0\s+(.+)$", out, re.M)
             assert row, out
             assert 0 < float(row.group(1)) <= float(row.group(2)) and row.group(3).count("/") == 2  # two rounds
+
+
+def test_the_floor_bench_times_a_bare_app_on_both_servers_inline_and_handed_to_a_thread() -> None:
+    out = run_module("bench.floor", "--work-ms", "0", "3", "--rounds", "1", "--seconds", "1",
+                     "--loader", "wrk" if WRK else "python", timeout=300).stdout
+    rows = re.findall(r"^(granian|uvicorn)\s+([\d.]+)ms (inline|thread)\s+([\d.]+)\s+(-?[\d.]+) ms$", out, re.M)
+    assert {(server, float(work), where) for server, work, where, _, _ in rows} == {
+        (server, work, where) for server in ("granian", "uvicorn") for work in (0.0, 3.0)
+        for where in ("inline", "thread")}, out
+    for _, work, _, p50, beyond in rows:
+        assert float(p50) >= float(work) and abs(float(p50) - float(work) - float(beyond)) < 0.002  # the work was done
