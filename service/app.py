@@ -72,9 +72,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with Scorer.started(settings, artifact, metrics, taxonomy) as scorer:
-            app.state.scorer = scorer
-            yield
+        with metrics.observing_gc():
+            async with Scorer.started(settings, artifact, metrics, taxonomy) as scorer:
+                app.state.scorer = scorer
+                yield
 
     app = Litestar(
         route_handlers=[sentiment_router(settings), HealthController, AdminController, prometheus_metrics],

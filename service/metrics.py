@@ -7,6 +7,11 @@ apps in one process (tests) never collide.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
@@ -14,6 +19,7 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
 TEACHER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+GC_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 CONFIDENCE_BUCKETS = (0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -69,5 +75,28 @@ class Metrics:
         self.aspect_duration = Histogram(f"{p}aspect_locate_seconds",
                                          "clause split and sentence encoding per request asking for aspects",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.gc_pause = Histogram(f"{p}gc_pause_seconds", "cyclic garbage collections, by generation: the "
+                                  "event loop waits while one runs", ["generation"], buckets=GC_BUCKETS, registry=r)
         self.ready = Gauge(f"{p}ready", "1 when the model is loaded and warmed", registry=r)
         self.model_info = Info(f"{p}model", "the served model", registry=r)
+
+    @contextlib.contextmanager
+    def observing_gc(self) -> Iterator[None]:
+        """Every collection of the cyclic garbage collector timed into `gc_pause_seconds` while open. A full
+        collection of the start-up heap stopped the loop for 85-120 ms (service.scoring.settle_heap); this
+        shows a dashboard whether pauses like it are back."""
+        by_generation = [self.gc_pause.labels(str(generation)) for generation in range(3)]
+        started = 0.0
+
+        def on_collection(phase: str, info: dict[str, int]) -> None:
+            nonlocal started
+            if phase == "start":
+                started = time.perf_counter()
+            else:
+                by_generation[info["generation"]].observe(time.perf_counter() - started)
+
+        gc.callbacks.append(on_collection)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(on_collection)

@@ -241,6 +241,8 @@ def test_model_health_docs_and_metrics_routes(service, tiny_model) -> None:
                  "sentiment_confidence_bucket", "sentiment_truncations_total", "sentiment_model_info"):
         assert name in metrics, name
     assert 'route="/v1/sentiment"' in metrics and 'name="tiny-test"' in metrics
+    assert metric(metrics, 'sentiment_gc_pause_seconds_count{generation="0"}') > 0  # collections are timed
+    assert metric(metrics, 'sentiment_gc_pause_seconds_count{generation="2"}') >= 1  # the heap settled when ready
     assert "still here" not in metrics  # no message text in any label
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.artifact import MANIFEST_FILE
-from service.scoring import settle_heap
+from service.scoring import YOUNG_COLLECTION_ALLOCATIONS, settle_heap
 from tests.conftest import rehash, running_service, served_file
 
 KEY = "admin-test-key"
@@ -99,6 +99,7 @@ def test_settling_the_heap_freezes_it_and_a_second_settle_frees_cycles_frozen_by
     cycle = Node()
     cycle.self = cycle  # only the cyclic collector can free it
     alive = weakref.ref(cycle)
+    thresholds = gc.get_threshold()
     try:
         settle_heap()
         assert gc.get_freeze_count() > 0
@@ -107,5 +108,7 @@ def test_settling_the_heap_freezes_it_and_a_second_settle_frees_cycles_frozen_by
         assert alive() is not None  # frozen: out of the collector's reach, as the start-up heap is
         settle_heap()  # after a reload: what the retired engine left in cycles is collected
         assert alive() is None and gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == YOUNG_COLLECTION_ALLOCATIONS
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
