@@ -56,7 +56,7 @@ class Engine:
     async def started(cls, artifact: Artifact, settings: Settings, metrics: Metrics) -> AsyncIterator[Engine]:
         s = settings
         layout, runners = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_tokens,
-                                                   s.lone_spin)
+                                                   s.lone_spin, s.max_batch_ms)
         log.info("layout chosen", extra={"layout": layout.shape, "batch_tokens": layout.batch_tokens,
                                          "reason": layout.reason})
         runner, solo = runners[layout.threads], runners[max(runners)]

@@ -106,12 +106,12 @@ class ModelRunner:
 
 
 def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0,
-                  spin_alone: bool = True) -> tuple[Layout, dict[int, ModelRunner]]:
+                  spin_alone: bool = True, max_batch_ms: float = 0) -> tuple[Layout, dict[int, ModelRunner]]:
     """The layout for this machine and runners by thread count: the layout's own, and one with every core
     for a batch that runs alone (it has the cores to itself, so it spins during its runs unless
     `spin_alone` is false).
     What the settings fix is kept; what they leave open (shape 'auto', batch tokens 0) is measured on
-    this CPU (service/layout.py)."""
+    this CPU (service/layout.py), budgets whose batches take longer than `max_batch_ms` (0: no bound) left out."""
     cores = available_cores()
     fixed = parse_shape(shape)
     shapes = [fixed] if fixed else candidate_shapes(cores)
@@ -121,4 +121,4 @@ def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0
         return Layout(*fixed, batch_tokens), runners
     budgets = (batch_tokens,) if batch_tokens else TOKEN_BUDGETS
     sequences = calibration_sequences(runners[cores].encoder.vocab_size)
-    return calibrate(runners, shapes, sequences, budgets), runners
+    return calibrate(runners, shapes, sequences, budgets, max_batch_ms=0 if batch_tokens else max_batch_ms), runners

@@ -37,6 +37,8 @@ class Settings:
                            "client; false: they sleep between operators")
     max_batch_size: int = _doc(64, "most texts in one inference call")
     max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
+    max_batch_ms: float = _doc(25.0, "with batch tokens measured: only budgets whose batches run within this many "
+                               "ms on this CPU (a text may wait for one batch, then run in the next); 0: any")
     max_wait_ms: float = _doc(2.0, "longest a batch waits for company; 0 when nothing else is queued or running")
     queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
     drain_delay_s: float = _doc(3.0, "on SIGTERM: seconds of serving with /health/ready at 503 before new "
@@ -99,6 +101,7 @@ class Settings:
             (not 0 <= self.port <= 65535, f"SENTIMENT_PORT {self.port} is not a port number"),
             (self.max_wait_ms < 0 or self.hard_cases_max_mb <= 0,
              "SENTIMENT_MAX_WAIT_MS must be at least 0 and SENTIMENT_HARD_CASES_MAX_MB positive"),
+            (self.max_batch_ms < 0, "SENTIMENT_MAX_BATCH_MS must be at least 0"),
         ]
         for bad, message in problems:
             if bad:

@@ -53,6 +53,21 @@ def test_the_fastest_wins_unless_more_streams_are_as_fast() -> None:
     assert layout.reason == "1x2, batches up to 256 tokens: 500 texts/s measured here"
 
 
+def test_batches_that_take_too_long_here_are_left_out() -> None:
+    measured = {(2, 1, 32): 350.0, (2, 1, 64): 420.0, (2, 1, 128): 430.0, (1, 2, 64): 300.0}
+    batch_ms = {(2, 1, 32): 9.0, (2, 1, 64): 14.0, (2, 1, 128): 31.0, (1, 2, 64): 8.0}
+    assert (choose(measured, batch_ms).shape, choose(measured, batch_ms).batch_tokens) == ("2x1", 128)  # no bound
+    layout = choose(measured, batch_ms, max_batch_ms=10)  # 2x1 with 32 tokens is the fastest that fits
+    assert (layout.shape, layout.batch_tokens) == ("2x1", 32)
+    assert layout.reason == ("2x1, batches up to 32 tokens: 350 texts/s measured here, 9.0 ms a batch; batches "
+                             "of up to 10 ms only (SENTIMENT_MAX_BATCH_MS): the fastest overall, 2x1 with 128 "
+                             "tokens (430 texts/s), takes 31.0 ms a batch")
+    assert layout.batch_ms["2x1 t128"] == 31.0 and layout.to_json()["measured_batch_ms"]["2x1 t32"] == 9.0
+    layout = choose(measured, batch_ms, max_batch_ms=5)  # nothing that quick: the smallest budget
+    assert (layout.shape, layout.batch_tokens) == ("2x1", 32)
+    assert choose(measured, batch_ms, max_batch_ms=40).batch_tokens == 128  # all fit: the fastest
+
+
 def test_pack_respects_the_token_budget_and_keeps_every_sequence() -> None:
     sequences = calibration_sequences(30522)
     assert all(6 <= len(seq) <= 64 for seq in sequences)
@@ -75,6 +90,9 @@ def test_choose_layout_measures_the_real_model(tiny_model) -> None:
     assert layout.streams * layout.threads == cores and layout.batch_tokens in TOKEN_BUDGETS
     assert len(layout.measured) == len(candidate_shapes(cores)) * len(TOKEN_BUDGETS)
     assert all(value > 0 for value in layout.measured.values())
+    assert layout.batch_ms.keys() == layout.measured.keys() and all(ms > 0 for ms in layout.batch_ms.values())
+    quick, _ = choose_layout(load_artifact(tiny_model), max_batch_ms=1e-6)  # no batch that quick: smallest
+    assert quick.batch_tokens == min(TOKEN_BUDGETS)
     for threads, runner in runners.items():
         assert isinstance(runner, ModelRunner)
         assert runner.session.get_session_options().intra_op_num_threads == threads
@@ -104,4 +122,5 @@ def test_the_service_reports_the_layout_it_measured(tiny_model, tmp_path) -> Non
         assert client.post("/v1/sentiment", json={"texts": ["fine", "awful"]}).status_code == 200
     assert serving["streams"] * serving["threads"] == available_cores()
     assert serving["batch_tokens"] in TOKEN_BUDGETS and "measured here" in serving["reason"]
+    assert serving["measured_batch_ms"].keys() == serving["measured_texts_per_s"].keys()
     assert '"layout chosen"' in svc.log.read_text()
