@@ -39,7 +39,7 @@ NOISE_MARGIN = 0.05
 # runs a batch waits for it and then runs in the next, so two batch times must fit in the open-loop
 # target's 50 ms p99: SENTIMENT_MAX_BATCH_MS, 25 ms by default, measured per budget at calibration. The
 # same budget takes twice as long on a slower CPU, so the bound is in time and the budget follows from
-# it. Without it, noise let calibration pick 512-token batches (~120 ms each) on an AVX2 Zen 3, and
+# it. Without it, noise let calibration pick 512-token batches (174 ms each) on an AVX2 Zen 3, and
 # `make loadtest` failed its 100 ms gate at 16 users (p99 140 ms); with 128 there it passed at 95 ms.
 # A tighter bound (10 ms) was tried there too: 32-token batches met the 50 ms figure only by serving
 # 260 against 337 texts/s, and at the same rate gave no better p99.
