@@ -143,8 +143,8 @@ class Scorer:
 
     async def _supervise_teacher(self) -> None:
         """The embedded teacher starts once the student is warm. Loading it beside the layout's calibration
-        took a quarter off the throughputs measured there (309 against 389-432 texts/s for the best on
-        the AVX2 Zen 3) and unevenly, so noise chose the budget: one start picked 512-token batches."""
+        skewed what it measured, unevenly, so noise chose the budget: on the AVX2 Zen 3 one start picked
+        512-token batches, and the best measured was 309 texts/s against 538 in the next start, deferred."""
         assert self.embedded_teacher is not None
         await self._student_warm.wait()
         await self.embedded_teacher.supervise()
