@@ -88,3 +88,15 @@ def test_the_floor_bench_times_a_bare_app_on_both_servers_inline_and_handed_to_a
         for where in ("inline", "thread")}, out
     for _, work, _, p50, beyond in rows:
         assert float(p50) >= float(work) and abs(float(p50) - float(work) - float(beyond)) < 0.002  # the work was done
+
+
+def test_the_in_app_bench_drives_each_configuration_without_http(tiny_model) -> None:
+    configs = ["1x1:max_batch_tokens=32", "1x1:max_batch_tokens=128"]
+    out = run_module("bench.inapp", "--model", str(tiny_model), "--configs", *configs, "--clients", "8",
+                     "--seconds", "1", "--rounds", "2", timeout=300).stdout
+    assert "8 callers over raw ASGI, no HTTP; medians of 2 interleaved rounds" in out
+    for config in configs:
+        row = re.search(rf"^{re.escape(config)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+0$", out, re.M)
+        assert row, out
+        texts_per_s, per_batch, _, busy = (float(value) for value in row.groups())
+        assert texts_per_s > 0 and 1 <= per_batch <= 8 and 0 < busy <= 105, out  # 8 callers: at most 8 a batch
