@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
+import threading
+import time
+from collections import Counter
 
 import pytest
 
@@ -10,6 +14,7 @@ from service.artifact import load_artifact
 from service.layout import (
     TOKEN_BUDGETS,
     available_cores,
+    calibrate,
     calibration_sequences,
     candidate_shapes,
     choose,
@@ -82,6 +87,37 @@ def test_throughput_runs_every_stream_and_counts_texts() -> None:
     batches = [[[1] * 5] * 4] * 3
     rate = throughput(lambda batch: calls.append(len(batch)), streams=2, batches=batches, seconds=0.05)
     assert calls and set(calls) == {4} and rate > 0
+
+
+def test_throughput_runs_every_batch_on_every_stream_however_short_the_time() -> None:
+    ran: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def run(batch: list[list[int]]) -> None:
+        with lock:
+            ran[len(batch[0])] += 1
+
+    batches = [[[1] * width] for width in range(1, 8)]  # sorted by length, as `pack` leaves them
+    assert throughput(run, streams=2, batches=batches) > 0
+    assert ran == {width: 2 for width in range(1, 8)}  # the long ones too, not only the first few
+
+
+class PaddedTokenCost:
+    """A runner whose batch costs a fixed time per padded token, as ONNX Runtime's roughly does."""
+
+    def __init__(self, ms_per_token: float) -> None:
+        self.ms_per_token = ms_per_token
+
+    def logits(self, sequences) -> None:
+        time.sleep(len(sequences) * max(map(len, sequences)) * self.ms_per_token / 1000)
+
+
+def test_calibration_times_the_whole_length_mix() -> None:
+    sequences = calibration_sequences(30522)
+    expected = statistics.mean(len(b) * max(map(len, b)) for b in pack(sequences, 64)) * 0.3  # ms a batch
+    layout = calibrate({1: PaddedTokenCost(0.3)}, [(1, 1)], sequences, budgets=(64,), rounds=1)
+    # Timing only the first (shortest) batches would report about half of this.
+    assert 0.9 * expected <= layout.batch_ms["1x1 t64"] <= 1.5 * expected
 
 
 def test_choose_layout_measures_the_real_model(tiny_model) -> None:
