@@ -105,11 +105,13 @@ def test_throughput_runs_every_batch_on_every_stream_however_short_the_time() ->
 class PaddedTokenCost:
     """A runner whose batch costs a fixed time per padded token, as ONNX Runtime's roughly does."""
 
-    def __init__(self, ms_per_token: float) -> None:
-        self.ms_per_token = ms_per_token
+    def __init__(self, ms_per_token: float, slow_calls: int = 0) -> None:
+        self.ms_per_token, self.slow_calls = ms_per_token, slow_calls  # the first calls take twice as long
 
     def logits(self, sequences) -> None:
-        time.sleep(len(sequences) * max(map(len, sequences)) * self.ms_per_token / 1000)
+        slowed = 2 if self.slow_calls > 0 else 1
+        self.slow_calls -= 1
+        time.sleep(len(sequences) * max(map(len, sequences)) * self.ms_per_token * slowed / 1000)
 
 
 def test_calibration_times_the_whole_length_mix() -> None:
@@ -118,6 +120,16 @@ def test_calibration_times_the_whole_length_mix() -> None:
     layout = calibrate({1: PaddedTokenCost(0.3)}, [(1, 1)], sequences, budgets=(64,), rounds=1)
     # Timing only the first (shortest) batches would report about half of this.
     assert 0.9 * expected <= layout.batch_ms["1x1 t64"] <= 1.5 * expected
+
+
+def test_the_batch_time_bound_reads_the_quickest_round() -> None:
+    sequences = calibration_sequences(30522)[:12]
+    batches = len(pack(sequences, 64))
+    expected = statistics.mean(len(b) * max(map(len, b)) for b in pack(sequences, 64)) * 0.5
+    noisy = PaddedTokenCost(0.5, slow_calls=2 * batches)  # a neighbour's load through two of three rounds
+    layout = calibrate({1: noisy}, [(1, 1)], sequences, budgets=(64,), rounds=3)
+    assert 0.9 * expected <= layout.batch_ms["1x1 t64"] <= 1.4 * expected  # not the slowed median
+    assert layout.measured["1x1 t64"] < 0.8 * 12 / (expected * batches / 1000)  # throughput stays the median
 
 
 def test_choose_layout_measures_the_real_model(tiny_model) -> None:
