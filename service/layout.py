@@ -126,12 +126,12 @@ def pack(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]
 def throughput(run: Callable[[list[list[int]]], object], streams: int, batches: list[list[list[int]]],
                seconds: float = 0.0) -> float:
     """Texts/s with `streams` threads each running every batch in turn, for `seconds` and at least once
-    through all of them. Stream k starts at the k-th share of the list, so the streams run different lengths
-    side by side and finish together (splitting one pass between them left the stream with the longer half
-    running alone at the end). A time limit alone measured only the first batches, and `pack` sorts them by length:
-    calibration timed the shortest texts (0.1 s held ~5 batches a stream on an AVX2 Zen 3), where every
-    budget forms big batches and they all tie, and it reported 64-token batches at 11 ms that took 19-21 ms
-    over the whole mix."""
+    through all of them. Stream k starts at the k-th share of the list, so the streams run different
+    lengths side by side and finish together (splitting one pass between them left the stream with the
+    longer half running alone at the end). A time limit alone measured only the first batches, and `pack`
+    sorts them by length: calibration timed the shortest texts (0.1 s held ~5 batches a stream on an AVX2
+    Zen 3), where every budget forms big batches and they all tie, and it reported 64-token batches at
+    11 ms that took 15-19 ms over the whole mix."""
     done = [0] * streams
     until = time.perf_counter() + seconds
 
