@@ -51,7 +51,7 @@ class _Item:
 
 class Batcher:
     def __init__(self, infer: InferFn, metrics: Metrics, *, max_batch_size: int = 32,
-                 max_batch_tokens: int = 8192, max_wait: float = 0.002, queue_size: int = 512,
+                 max_batch_tokens: int = 8192, max_wait: float = 0.0, queue_size: int = 512,
                  workers: int = 1, infer_alone: InferFn | None = None) -> None:
         self._infer, self._infer_alone = infer, infer_alone or infer
         self._metrics = metrics

@@ -39,7 +39,8 @@ class Settings:
     max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
     max_batch_ms: float = _doc(25.0, "with batch tokens measured: only budgets whose batches run within this many "
                                "ms on this CPU (a text may wait for one batch, then run in the next); 0: any")
-    max_wait_ms: float = _doc(2.0, "longest a batch waits for company; 0 when nothing else is queued or running")
+    max_wait_ms: float = _doc(0.0, "longest a batch waits for company while another runs; 0: never (README, "
+                                   "Execution layout: waiting 2 ms lengthened the open-loop tail and served no more)")
     queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
     drain_delay_s: float = _doc(3.0, "on SIGTERM: seconds of serving with /health/ready at 503 before new "
                                  "connections are refused (SIGINT: none)")
