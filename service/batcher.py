@@ -2,7 +2,10 @@
 
 Invariants (checked by tests/test_batcher.py):
 - a batch holds at least 1 and at most `max_batch_size` texts, and at most `max_batch_tokens`
-  padded tokens (texts x longest) unless a single text alone exceeds the budget;
+  padded tokens (texts x longest) unless a single text alone exceeds the budget; while the queue
+  holds BACKLOG_BATCHES full batches for every stream, the budget is `backlog_batch_tokens` instead
+  (where larger): every queued text waits for whole batches anyway, and fewer, larger batches clear
+  the queue sooner (README, Execution layout);
 - the oldest pending text is always in the next batch (no starvation); the rest of the batch is
   filled with the pending texts closest to it in length, so little compute goes to padding;
 - a batch waits at most `max_wait` for company, and not at all when its text is the only one
@@ -37,6 +40,9 @@ from typing import Any
 from service.errors import ErrorKind, ServiceError
 from service.metrics import Metrics
 
+# Batches queued per stream (in tokens, at the normal budget) from which batches grow to the backlog budget.
+# At one per stream the open-loop tail grew (p99 at 280/s 111 against 80 ms at two, bench/rates.py).
+BACKLOG_BATCHES = 2
 # Token id sequences in, one result row per sequence out (probabilities, or finished predictions).
 InferFn = Callable[[Sequence[list[int]]], Sequence[Any]]
 
@@ -51,11 +57,12 @@ class _Item:
 
 class Batcher:
     def __init__(self, infer: InferFn, metrics: Metrics, *, max_batch_size: int = 32,
-                 max_batch_tokens: int = 8192, max_wait: float = 0.0, queue_size: int = 512,
-                 workers: int = 1, infer_alone: InferFn | None = None) -> None:
+                 max_batch_tokens: int = 8192, backlog_batch_tokens: int = 0, max_wait: float = 0.0,
+                 queue_size: int = 512, workers: int = 1, infer_alone: InferFn | None = None) -> None:
         self._infer, self._infer_alone = infer, infer_alone or infer
         self._metrics = metrics
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.backlog_batch_tokens = backlog_batch_tokens
         self.max_wait, self.queue_size, self.workers = max_wait, queue_size, workers
         metrics.queue_capacity.set(queue_size)
         # Shared by the event loop and the streams, guarded by `_state`:
@@ -173,6 +180,7 @@ class Batcher:
             return []
         anchor, rest = live[0], live[1:]
         width = len(anchor.ids)
+        budget = self._budget(live)
         rest.sort(key=lambda item: abs(len(item.ids) - width))
         idle = max(1, self.workers - len(self._in_flight))  # this stream included
         share = min(self.max_batch_size, -(-len(live) // idle))
@@ -180,7 +188,7 @@ class Batcher:
         for item in rest:
             if len(batch) >= share:
                 break
-            if max(width, len(item.ids)) * (len(batch) + 1) > self.max_batch_tokens:
+            if max(width, len(item.ids)) * (len(batch) + 1) > budget:
                 continue
             width = max(width, len(item.ids))
             batch.append(item)
@@ -191,6 +199,14 @@ class Batcher:
             self._state.notify_all()  # wakes a stream waiting for company: its batch is ready
         self._metrics.queue_depth.set(len(self._pending))
         return batch
+
+    def _budget(self, live: list[_Item]) -> int:
+        """Padded tokens the next batch may hold: the backlog budget once the queue holds BACKLOG_BATCHES
+        batches for every stream."""
+        if self.backlog_batch_tokens <= self.max_batch_tokens:
+            return self.max_batch_tokens
+        deep = BACKLOG_BATCHES * self.workers * self.max_batch_tokens
+        return self.backlog_batch_tokens if sum(len(item.ids) for item in live) >= deep else self.max_batch_tokens
 
     def _run(self, batch: list[_Item], infer: InferFn) -> tuple[Sequence[Any], ServiceError | None]:
         """Inference on this stream's thread: the rows, or the error every caller in the batch hears."""

@@ -56,15 +56,16 @@ class Engine:
     async def started(cls, artifact: Artifact, settings: Settings, metrics: Metrics) -> AsyncIterator[Engine]:
         s = settings
         layout, runners = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_tokens,
-                                                   s.lone_spin, s.max_batch_ms)
+                                                   s.lone_spin, s.max_batch_ms, s.backlog_batch_tokens)
         log.info("layout chosen", extra={"layout": layout.shape, "batch_tokens": layout.batch_tokens,
-                                         "reason": layout.reason})
+                                         "backlog_batch_tokens": layout.backlog_tokens, "reason": layout.reason})
         runner, solo = runners[layout.threads], runners[max(runners)]
         for _ in range(max(1, s.warmup_rounds)):
             for warm in {id(r): r for r in (runner, solo)}.values():
                 await asyncio.to_thread(warm.warm_up)
         batcher = Batcher(_finished(runner), metrics, max_batch_size=s.max_batch_size,
-                          max_batch_tokens=layout.batch_tokens, max_wait=s.max_wait_ms / 1000,
+                          max_batch_tokens=layout.batch_tokens, backlog_batch_tokens=layout.backlog_tokens,
+                          max_wait=s.max_wait_ms / 1000,
                           queue_size=s.queue_size, workers=layout.streams,
                           infer_alone=_finished(solo) if solo is not runner else None)
         batcher.start()

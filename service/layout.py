@@ -60,6 +60,8 @@ class Layout:
     reason: str = "configured"
     measured: dict[str, float] = field(default_factory=dict)  # "2x1 t128" -> texts/s
     batch_ms: dict[str, float] = field(default_factory=dict)  # "2x1 t128" -> ms one batch took
+    backlog_tokens: int = 0  # the budget while the queue is deep (service/batcher.py); 0: none
+    backlog_reason: str = "none"
 
     @property
     def shape(self) -> str:
@@ -67,7 +69,9 @@ class Layout:
 
     def to_json(self) -> dict[str, object]:
         return {"streams": self.streams, "threads": self.threads, "batch_tokens": self.batch_tokens,
-                "reason": self.reason, "measured_texts_per_s": {k: round(v, 1) for k, v in self.measured.items()},
+                "reason": self.reason, "backlog_batch_tokens": self.backlog_tokens,
+                "backlog_reason": self.backlog_reason,
+                "measured_texts_per_s": {k: round(v, 1) for k, v in self.measured.items()},
                 "measured_batch_ms": {k: round(v, 2) for k, v in self.batch_ms.items()}}
 
 
@@ -202,8 +206,27 @@ def choose(measured: dict[tuple[int, int, int], float], batch_ms: dict[tuple[int
         reason += (f"; batches of up to {max_batch_ms:g} ms only (SENTIMENT_MAX_BATCH_MS): the fastest overall,"
                    f" {fastest[0]}x{fastest[1]} with {fastest[2]} tokens ({measured[fastest]:.0f} texts/s),"
                    f" takes {batch_ms[fastest]:.1f} ms a batch")
+    backlog, backlog_reason = backlog_budget(key, measured, batch_ms, max_batch_ms)
     return Layout(streams, threads, budget, reason, {_name(k): v for k, v in sorted(measured.items())},
-                  {_name(k): v for k, v in sorted(batch_ms.items())})
+                  {_name(k): v for k, v in sorted(batch_ms.items())}, backlog, backlog_reason)
+
+
+def backlog_budget(key: tuple[int, int, int], measured: dict[tuple[int, int, int], float],
+                   batch_ms: dict[tuple[int, int, int], float], max_batch_ms: float) -> tuple[int, str]:
+    """Twice the chosen budget for batches taken from a deep queue, and why; (0, why not) where the bound
+    did not apply, or calibration found the larger batches slower (beyond NOISE_MARGIN) or longer than
+    twice the bound. Only the bound kept them out: it guards the wait behind a batch, and a text at the
+    back of a deep queue waits for whole batches anyway."""
+    streams, threads, budget = key
+    larger = (streams, threads, 2 * budget)
+    if not max_batch_ms or larger not in measured:
+        return 0, "none: no larger budget measured within a batch-time bound"
+    if measured[larger] < (1 - NOISE_MARGIN) * measured[key]:
+        return 0, f"none: {2 * budget} tokens measured slower here ({measured[larger]:.0f} texts/s)"
+    if batch_ms.get(larger, math.inf) > 2 * max_batch_ms:
+        return 0, f"none: {2 * budget}-token batches take {batch_ms[larger]:.1f} ms here, over 2 x {max_batch_ms:g} ms"
+    return 2 * budget, (f"up to {2 * budget} tokens from a deep queue: "
+                        f"{measured[larger]:.0f} texts/s, {batch_ms[larger]:.1f} ms a batch")
 
 
 def _name(key: tuple[int, int, int]) -> str:

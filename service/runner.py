@@ -4,6 +4,7 @@ nothing of asyncio or HTTP, so the batcher can run it off the event loop and tes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,20 +106,27 @@ class ModelRunner:
             self.logits([[self.encoder.pad_id] * width] * 2)
 
 
-def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0,
-                  spin_alone: bool = True, max_batch_ms: float = 0) -> tuple[Layout, dict[int, ModelRunner]]:
+def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0, spin_alone: bool = True,
+                  max_batch_ms: float = 0, backlog_tokens: int = 0) -> tuple[Layout, dict[int, ModelRunner]]:
     """The layout for this machine and runners by thread count: the layout's own, and one with every core
     for a batch that runs alone (it has the cores to itself, so it spins during its runs unless
     `spin_alone` is false).
     What the settings fix is kept; what they leave open (shape 'auto', batch tokens 0) is measured on
-    this CPU (service/layout.py), budgets whose batches take longer than `max_batch_ms` (0: no bound) left out."""
+    this CPU (service/layout.py), budgets whose batches take longer than `max_batch_ms` (0: no bound) left out;
+    `backlog_tokens` likewise (0: measured with the budget, none beside a fixed one)."""
     cores = available_cores()
     fixed = parse_shape(shape)
     shapes = [fixed] if fixed else candidate_shapes(cores)
     runners = {t: ModelRunner(artifact, threads=t, spin=spin_alone and t == cores)
                for t in sorted({t for _, t in shapes} | {cores})}
     if fixed and batch_tokens:
-        return Layout(*fixed, batch_tokens), runners
-    budgets = (batch_tokens,) if batch_tokens else TOKEN_BUDGETS
-    sequences = calibration_sequences(runners[cores].encoder.vocab_size)
-    return calibrate(runners, shapes, sequences, budgets, max_batch_ms=0 if batch_tokens else max_batch_ms), runners
+        layout = Layout(*fixed, batch_tokens)
+    else:
+        budgets = (batch_tokens,) if batch_tokens else TOKEN_BUDGETS
+        sequences = calibration_sequences(runners[cores].encoder.vocab_size)
+        layout = calibrate(runners, shapes, sequences, budgets, max_batch_ms=0 if batch_tokens else max_batch_ms)
+    if backlog_tokens:
+        grows = backlog_tokens > layout.batch_tokens
+        layout = dataclasses.replace(layout, backlog_tokens=backlog_tokens if grows else 0,
+                                     backlog_reason="configured (SENTIMENT_BACKLOG_BATCH_TOKENS)")
+    return layout, runners

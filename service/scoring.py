@@ -160,7 +160,8 @@ class Scorer:
             except ArtifactError as exc:
                 raise ServiceError(ErrorKind.INVALID_MODEL, str(exc)) from None
             layout = current.layout
-            fixed = dataclasses.replace(self.settings, layout=layout.shape, max_batch_tokens=layout.batch_tokens)
+            fixed = dataclasses.replace(self.settings, layout=layout.shape, max_batch_tokens=layout.batch_tokens,
+                                        backlog_batch_tokens=layout.backlog_tokens)
             stack = contextlib.AsyncExitStack()
             try:
                 engine = await stack.enter_async_context(Engine.started(artifact, fixed, self.metrics))

@@ -39,6 +39,10 @@ class Settings:
     max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
     max_batch_ms: float = _doc(25.0, "with batch tokens measured: only budgets whose batches run within this many "
                                "ms on this CPU (a text may wait for one batch, then run in the next); 0: any")
+    backlog_batch_tokens: int = _doc(0, "most padded tokens in one call while the queue holds two batches for "
+                                     "every stream; 0: measured (twice the budget where it runs as fast here and "
+                                     "within twice SENTIMENT_MAX_BATCH_MS; none beside a fixed "
+                                     "SENTIMENT_MAX_BATCH_TOKENS); at or below the budget (e.g. 1): batches never grow")
     max_wait_ms: float = _doc(0.0, "longest a batch waits for company while another runs; 0: never (README, "
                                    "Execution layout: waiting 2 ms lengthened the open-loop tail and served no more)")
     queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
@@ -103,6 +107,7 @@ class Settings:
             (self.max_wait_ms < 0 or self.hard_cases_max_mb <= 0,
              "SENTIMENT_MAX_WAIT_MS must be at least 0 and SENTIMENT_HARD_CASES_MAX_MB positive"),
             (self.max_batch_ms < 0, "SENTIMENT_MAX_BATCH_MS must be at least 0"),
+            (self.backlog_batch_tokens < 0, "SENTIMENT_BACKLOG_BATCH_TOKENS must be at least 0"),
         ]
         for bad, message in problems:
             if bad:

@@ -48,14 +48,17 @@ requests_strategy = st.lists(st.lists(st.integers(min_value=1, max_value=40), mi
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests=requests_strategy, max_batch_size=st.integers(1, 8), max_batch_tokens=st.integers(8, 120),
-       max_wait=st.sampled_from([0.0, 0.001, 0.003]), workers=st.integers(1, 2))
+       backlog_factor=st.sampled_from([0, 2, 3]), max_wait=st.sampled_from([0.0, 0.001, 0.003]),
+       workers=st.integers(1, 2))
 def test_every_caller_gets_its_own_rows_in_order_and_limits_hold(requests, max_batch_size, max_batch_tokens,
-                                                                 max_wait, workers) -> None:
+                                                                 backlog_factor, max_wait, workers) -> None:
     infer = RecordingInfer(delay=0.0005)
+    most_tokens = max(max_batch_tokens, backlog_factor * max_batch_tokens)
 
     async def scenario() -> None:
         batcher = Batcher(infer, Metrics(), max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                          max_wait=max_wait, queue_size=10_000, workers=workers)
+                          backlog_batch_tokens=backlog_factor * max_batch_tokens, max_wait=max_wait,
+                          queue_size=10_000, workers=workers)
         batcher.start()
         tag = iter(range(1000, 10**6))
         tagged = [[sequence(next(tag), length) for length in lengths] for lengths in requests]
@@ -70,7 +73,7 @@ def test_every_caller_gets_its_own_rows_in_order_and_limits_hold(requests, max_b
     assert sum(size for size, _ in infer.batches) == sum(len(r) for r in requests)
     for size, width in infer.batches:
         assert 1 <= size <= max_batch_size
-        assert size == 1 or size * width <= max_batch_tokens
+        assert size == 1 or size * width <= most_tokens
 
 
 @settings(max_examples=30, deadline=None)
@@ -136,6 +139,37 @@ def test_a_queue_that_fills_a_batch_by_tokens_does_not_wait_for_company() -> Non
 
     assert asyncio.run(scenario()) < 1.0
     assert infer.batches == [(4, 4)]  # one batch: 4 texts, 4 tokens wide
+
+
+def test_batches_grow_to_the_backlog_budget_only_while_the_queue_is_deep() -> None:
+    release = threading.Event()
+    infer = RecordingInfer()
+
+    def held(sequences):  # the first batch holds the only stream until the queue is filled
+        if sequences[0][0] == 999:
+            release.wait(10)
+        return infer(sequences)
+
+    async def scenario() -> None:
+        batcher = Batcher(held, Metrics(), max_batch_size=64, max_batch_tokens=16, backlog_batch_tokens=32,
+                          queue_size=100, workers=1)
+        batcher.start()
+        deadline = time.perf_counter() + 30
+        holding = asyncio.create_task(batcher.submit([[999, 1, 1, 1]], deadline))
+        while not infer.batches and not batcher._in_flight:
+            await asyncio.sleep(0.001)
+        # 12 texts of 4 tokens: 48 queued tokens, two 16-token batches for the one stream and more.
+        queued = asyncio.create_task(batcher.submit([[i, 1, 1, 1] for i in range(12)], deadline))
+        await asyncio.sleep(0.01)
+        release.set()
+        rows = await queued
+        await holding
+        assert [int(row[0]) for row in rows] == list(range(12))
+        await batcher.close()
+
+    asyncio.run(scenario())
+    # Deep (48 >= 2 x 16): 8 texts, 32 tokens; then 16 tokens are left, not deep: the normal budget.
+    assert infer.batches == [(1, 4), (8, 4), (4, 4)]
 
 
 def test_a_stream_whose_queue_another_stream_emptied_keeps_serving() -> None:

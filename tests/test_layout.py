@@ -73,6 +73,20 @@ def test_batches_that_take_too_long_here_are_left_out() -> None:
     assert choose(measured, batch_ms, max_batch_ms=40).batch_tokens == 128  # all fit: the fastest
 
 
+def test_a_deep_queue_gets_twice_the_budget_where_only_the_bound_kept_it_out() -> None:
+    measured = {(2, 1, 32): 350.0, (2, 1, 64): 420.0, (2, 1, 128): 430.0, (2, 1, 256): 400.0}
+    batch_ms = {(2, 1, 32): 9.0, (2, 1, 64): 17.0, (2, 1, 128): 35.0, (2, 1, 256): 75.0}
+    layout = choose(measured, batch_ms, max_batch_ms=25)
+    assert (layout.batch_tokens, layout.backlog_tokens) == (64, 128)
+    assert layout.backlog_reason == "up to 128 tokens from a deep queue: 430 texts/s, 35.0 ms a batch"
+    assert layout.to_json()["backlog_batch_tokens"] == 128
+    assert choose(measured, batch_ms, max_batch_ms=17).backlog_tokens == 0  # 35 ms is over twice 17
+    assert choose(measured, batch_ms).backlog_tokens == 0  # no bound: the budget is already the fastest
+    slower = {**measured, (2, 1, 128): 390.0}  # beyond the noise margin below 64 tokens' 420
+    layout = choose(slower, batch_ms, max_batch_ms=25)
+    assert layout.backlog_tokens == 0 and "slower" in layout.backlog_reason
+
+
 def test_pack_respects_the_token_budget_and_keeps_every_sequence() -> None:
     sequences = calibration_sequences(30522)
     assert all(6 <= len(seq) <= 64 for seq in sequences)
@@ -147,6 +161,10 @@ def test_choose_layout_measures_the_real_model(tiny_model) -> None:
     assert {layout.threads, cores} <= set(runners)  # the layout's runner, and one with every core
     fixed, quiet = choose_layout(load_artifact(tiny_model), "1x1", 96, spin_alone=False)
     assert (fixed.streams, fixed.threads, fixed.batch_tokens, fixed.reason) == (1, 1, 96, "configured")
+    assert fixed.backlog_tokens == 0  # a fixed budget grows only where that is configured too
+    grown, _ = choose_layout(load_artifact(tiny_model), "1x1", 96, backlog_tokens=192)
+    assert (grown.batch_tokens, grown.backlog_tokens) == (96, 192) and "configured" in grown.backlog_reason
+    assert choose_layout(load_artifact(tiny_model), "1x1", 96, backlog_tokens=1)[0].backlog_tokens == 0
     # Only the every-core session spins (it runs alone), and only while a run lasts; none when turned off.
     assert {threads: spinning(runner) for threads, runner in runners.items()} == {
         threads: ("1", f"1 {SPIN_US}") if threads == cores else ("0", "") for threads in runners}
@@ -171,4 +189,5 @@ def test_the_service_reports_the_layout_it_measured(tiny_model, tmp_path) -> Non
     assert serving["streams"] * serving["threads"] == available_cores()
     assert serving["batch_tokens"] in TOKEN_BUDGETS and "measured here" in serving["reason"]
     assert serving["measured_batch_ms"].keys() == serving["measured_texts_per_s"].keys()
+    assert serving["backlog_batch_tokens"] in (0, 2 * serving["batch_tokens"]) and serving["backlog_reason"]
     assert '"layout chosen"' in svc.log.read_text()
