@@ -224,7 +224,8 @@ def main() -> None:
             for name in args.configs:
                 process, url = serve(args.model, server, config_env(name))
                 services[f"{server}/{name}"] = (process, url)
-                print(f"{server}/{name}: {httpx.get(f'{url}/v1/model').json()['serving']['reason']}", flush=True)
+                serving = httpx.get(f"{url}/v1/model").json()["serving"]
+                print(f"{server}/{name}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
         for kind in args.peers:
             if kind == "ray" and not RAY_PYTHON.exists():
                 print(f"peer/ray left out: {RAY_PYTHON} is missing (make ray-venv)", flush=True)
