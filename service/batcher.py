@@ -41,8 +41,10 @@ from service.errors import ErrorKind, ServiceError
 from service.metrics import Metrics
 
 # Batches queued per stream (in tokens, at the normal budget) from which batches grow to the backlog budget.
-# At one per stream the open-loop tail grew (p99 at 280/s 111 against 80 ms at two, bench/rates.py).
-BACKLOG_BATCHES = 2
+# Four, not fewer: on an AVX2 Zen 3 the open-loop p99 at 290/s (0.75 of capacity) was 81-82 ms at four
+# against 116-159 at two and 154-164 with no growth (two runs of bench/rates.py), and 64 clients were
+# served as much (README, Execution layout).
+BACKLOG_BATCHES = 4
 # Token id sequences in, one result row per sequence out (probabilities, or finished predictions).
 InferFn = Callable[[Sequence[list[int]]], Sequence[Any]]
 

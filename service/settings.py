@@ -39,8 +39,8 @@ class Settings:
     max_batch_tokens: int = _doc(0, "most padded tokens (texts x longest) in one inference call; 0: measured")
     max_batch_ms: float = _doc(25.0, "with batch tokens measured: only budgets whose batches run within this many "
                                "ms on this CPU (a text may wait for one batch, then run in the next); 0: any")
-    backlog_batch_tokens: int = _doc(0, "most padded tokens in one call while the queue holds two batches for "
-                                     "every stream; 0: measured (twice the budget where it runs as fast here and "
+    backlog_batch_tokens: int = _doc(0, "most padded tokens in one call while the queue holds four batches "
+                                     "for every stream; 0: measured (twice the budget where it runs as fast here and "
                                      "within twice SENTIMENT_MAX_BATCH_MS; none beside a fixed "
                                      "SENTIMENT_MAX_BATCH_TOKENS); at or below the budget (e.g. 1): batches never grow")
     max_wait_ms: float = _doc(0.0, "longest a batch waits for company while another runs; 0: never (README, "

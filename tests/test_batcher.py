@@ -158,18 +158,18 @@ def test_batches_grow_to_the_backlog_budget_only_while_the_queue_is_deep() -> No
         holding = asyncio.create_task(batcher.submit([[999, 1, 1, 1]], deadline))
         while not infer.batches and not batcher._in_flight:
             await asyncio.sleep(0.001)
-        # 12 texts of 4 tokens: 48 queued tokens, two 16-token batches for the one stream and more.
-        queued = asyncio.create_task(batcher.submit([[i, 1, 1, 1] for i in range(12)], deadline))
+        # 20 texts of 4 tokens: 80 queued tokens, more than BACKLOG_BATCHES 16-token batches for the stream.
+        queued = asyncio.create_task(batcher.submit([[i, 1, 1, 1] for i in range(20)], deadline))
         await asyncio.sleep(0.01)
         release.set()
         rows = await queued
         await holding
-        assert [int(row[0]) for row in rows] == list(range(12))
+        assert [int(row[0]) for row in rows] == list(range(20))
         await batcher.close()
 
     asyncio.run(scenario())
-    # Deep (48 >= 2 x 16): 8 texts, 32 tokens; then 16 tokens are left, not deep: the normal budget.
-    assert infer.batches == [(1, 4), (8, 4), (4, 4)]
+    # Deep (80 >= 4 x 16 tokens): 8 texts, 32 tokens; then 48 are left, not deep: the normal budget.
+    assert infer.batches == [(1, 4), (8, 4), (4, 4), (4, 4), (4, 4)]
 
 
 def test_a_stream_whose_queue_another_stream_emptied_keeps_serving() -> None:
