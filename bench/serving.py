@@ -7,14 +7,18 @@ the medians and their ratios to the limit. The load comes from wrk (compiled) wh
 a bare asyncio client.
 
   python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 4] [--rounds 3] [--peers plain pipeline]
+                          [--restart]
 
-The machine is shared and noisy: read the ratios, not a lone absolute time.
+The machine is shared and noisy: read the ratios, not a lone absolute time. Servers differ between starts
+too (the same settings, two processes: up to 9% apart at 64 clients on an AVX2 Zen 3); for an A/B closer
+than that, `--restart` starts each row's server afresh for every round.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -209,6 +214,9 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--loader", choices=["wrk", "python"], default="wrk" if WRK else "python")
     parser.add_argument("--no-aspects", action="store_true", help="leave out the aspects-on row")
+    parser.add_argument("--restart", action="store_true",
+                        help="start every row's server afresh for each round, so medians span starts (two services "
+                             "with the same settings differed by up to 9%% in one run on an AVX2 Zen 3)")
     args = parser.parse_args()
 
     def run_load(url: str, clients: int, seconds: float, extra: dict) -> dict[str, float]:
@@ -216,48 +224,65 @@ def main() -> None:
             return wrk_load(url, clients, seconds, extra)
         return asyncio.run(load(url, clients, seconds, extra))
 
+    starters: dict[str, Callable[[], tuple[subprocess.Popen[bytes], str]]] = {
+        f"{server}/{name}": functools.partial(serve, args.model, server, config_env(name))
+        for server in args.servers for name in args.configs}
+    for kind in args.peers:
+        if kind == "ray" and not RAY_PYTHON.exists():
+            print(f"peer/ray left out: {RAY_PYTHON} is missing (make ray-venv)", flush=True)
+            continue
+        starters[f"peer/{kind}"] = functools.partial(start_peer, kind, args.model)
+    rows = [(key, key, {}) for key in starters]  # (row, its server, extra request fields)
+    if not args.no_aspects:  # the first server again, every request asking for aspects
+        rows.insert(1, (f"{rows[0][0]} +aspects", rows[0][0], {"aspects": True}))
     services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def started(key: str) -> str:
+        """The server's URL, started one at a time: each measures its layout on an otherwise idle machine."""
+        if key not in services:
+            services[key] = starters[key]()
+            if not key.startswith("peer/"):
+                serving = httpx.get(f"{services[key][1]}/v1/model").json()["serving"]
+                print(f"{key}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
+        return services[key][1]
+
+    def stop(key: str) -> None:
+        process, _ = services.pop(key)
+        process.terminate()
+        process.wait(timeout=15)
+        if key == "peer/ray":  # the driver's exit leaves Ray's own processes behind
+            subprocess.run([str(RAY_PYTHON.parent / "ray"), "stop", "--force"], capture_output=True, check=False)
+
     limit_rounds: list[dict[str, float]] = []
     served: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
-        for server in args.servers:  # one at a time: each measures its layout on an otherwise idle machine
-            for name in args.configs:
-                process, url = serve(args.model, server, config_env(name))
-                services[f"{server}/{name}"] = (process, url)
-                serving = httpx.get(f"{url}/v1/model").json()["serving"]
-                print(f"{server}/{name}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
-        for kind in args.peers:
-            if kind == "ray" and not RAY_PYTHON.exists():
-                print(f"peer/ray left out: {RAY_PYTHON} is missing (make ray-venv)", flush=True)
-                continue
-            services[f"peer/{kind}"] = start_peer(kind, args.model)
-        rows = [(key, url, {}) for key, (_, url) in services.items()]
-        if not args.no_aspects:  # the first service again, every request asking for aspects
-            first, (_, url) = next(iter(services.items()))
-            rows.insert(1, (f"{first} +aspects", url, {"aspects": True}))
+        if not args.restart:
+            for key in starters:
+                started(key)
         served_artifact = load_artifact(args.model)  # the build the servers load on this CPU
         runnable = [v.name for v in variants_of(served_artifact.manifest, args.model / MANIFEST_FILE)
                     if v.runs_on(cpu_flags())]
         for round_no in range(args.rounds):  # interleaved and rotated: drift and order hit every row alike
             limit_rounds.append({f"{name}/{key}": value for name in runnable
                                  for key, value in in_process(args.model, args.seconds, name).items()})
-            for key, url, extra in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
+            for row, key, extra in rows[round_no % len(rows):] + rows[:round_no % len(rows)]:
+                url = started(key)
                 asyncio.run(load(url, 4, 0.5, extra))  # warm connections and code paths
-                figures = served.setdefault(key, {f"c{c}": [] for c in args.clients})
+                figures = served.setdefault(row, {f"c{c}": [] for c in args.clients})
                 for clients in args.clients:
                     figures[f"c{clients}"].append(run_load(url, clients, args.seconds, extra))
+                if args.restart:
+                    stop(key)
     finally:
-        for process, _ in services.values():
-            process.terminate()
-            process.wait(timeout=15)
-        if "peer/ray" in services:  # the driver's exit leaves Ray's own processes behind
-            subprocess.run([str(RAY_PYTHON.parent / "ray"), "stop", "--force"], capture_output=True, check=False)
+        for key in list(services):
+            stop(key)
     measured = median_of(limit_rounds)
     results = {"in_process": measured, **{key: {c: median_of(rounds) for c, rounds in figures.items()}
                                           for key, figures in served.items()}}
     print(json.dumps(results, indent=2, default=lambda v: round(v, 2)))
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_header()}; load from {args.loader}")
-    print(f"medians of {args.rounds} interleaved rounds; in-process ORT per int8 variant this CPU runs:")
+    fresh = ", every server started afresh for each" if args.restart else ""
+    print(f"medians of {args.rounds} interleaved rounds{fresh}; in-process ORT per int8 variant this CPU runs:")
     for name in runnable:
         shape = max((k for k in measured if k.startswith(f"{name}/") and " t" in k), key=measured.__getitem__)
         blocking, spinning = (measured[f"{name}/single_{kind}_p50_ms"] for kind in ("blocking", "spinning"))

@@ -12,13 +12,13 @@ from service.artifact import load_artifact
 from tests.conftest import run_module
 
 
-@pytest.mark.parametrize("loader", ["python", "wrk"])
-def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, loader) -> None:
+@pytest.mark.parametrize(("loader", "restart"), [("python", False), ("wrk", True)])
+def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, loader, restart) -> None:
     if loader == "wrk" and WRK is None:
         pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
     result = run_module("bench.serving", "--model", str(tiny_model), "--seconds", "1", "--rounds", "2",
                         "--servers", "granian", "--configs", "auto", "1x1:lone_spin=false", "--peers", "plain",
-                        "--clients", "1", "8", "--loader", loader, timeout=300)
+                        "--clients", "1", "8", "--loader", loader, *(["--restart"] if restart else []), timeout=300)
     table = result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1]
     figures = json.loads(table)
     pinned = "granian/1x1:lone_spin=false"  # a layout, and a setting for that row
@@ -28,6 +28,9 @@ def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, l
         assert figures[key]["c8"]["p50_ms"] <= figures[key]["c8"]["p99_ms"]
     assert "medians of 2 interleaved rounds" in result.stdout and f"load from {loader}" in result.stdout
     assert f"{pinned}: 1x1, batches up to" in result.stdout  # the layout each service measured
+    # Started once, or afresh for each of the two rounds (`auto` twice more: its aspects row has its own).
+    assert result.stdout.count(f"{pinned}: 1x1") == (2 if restart else 1)
+    assert result.stdout.count("granian/auto: ") == (4 if restart else 1)
     served = load_artifact(tiny_model).variant.name
     limit = figures["in_process"]
     tried = [v for k, v in limit.items() if k.startswith(f"{served}/") and " t" in k]  # layouts x budgets
