@@ -42,13 +42,24 @@ def test_the_breakdown_accounts_for_the_threads_and_the_batches(tiny_model) -> N
     if WRK is None:
         pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
     out = run_module("bench.breakdown", "--model", str(tiny_model), "--seconds", "1", "--rounds", "1",
-                     timeout=300).stdout
-    for clients in ("1 connection(s)", "64 connection(s)"):
-        section = out[out.index(clients):]
+                     "--shares", "0.5", timeout=300).stdout
+    share = re.search(r"\n(open loop at (\d+)/s \(50% of 64 connections' (\d+)\))", out)
+    assert share and abs(int(share.group(2)) - int(share.group(3)) / 2) <= 1, out
+    for load in ("1 connection(s)", "64 connection(s)", share.group(1)):
+        section = out[out.index(f"\n{load}: "):]
+        head = re.match(rf"\n{re.escape(load)}: (\d+) texts/s, .*batches of ([\d.]+) texts, ([\d.]+) ms each\n"
+                        r"  mean time in the app ([\d.]+) ms: ([\d.]+) queued, ([\d.]+) in a batch", section)
+        assert head and float(head.group(2)) >= 1 and float(head.group(3)) > 0, out
+        in_app, queued, batch = (float(head.group(k)) for k in (4, 5, 6))
+        assert in_app >= queued + batch - 0.05, out  # a request's time in the app holds its wait and its batch
         loop = re.search(r"event loop\s+([\d.]+) cores\s+([\d.]+) ms CPU per request", section)
         assert loop and float(loop.group(1)) > 0 and float(loop.group(2)) > 0, out
-        busy = re.search(r"streams busy (\d+)% of the time", section)
-        assert busy and 0 < int(busy.group(1)) <= 100 * 1.05, out  # the metrics' busy time, per stream
+        busy = re.search(r"streams busy (\d+)% of the time; at batches like these they serve (\d+) texts/s, "
+                         r"so this load is (\d+)% of it", section)
+        assert busy and 0 < int(busy.group(1)) <= 100 * 1.05 and int(busy.group(2)) > 0, out
+    answered = int(re.search(rf"{re.escape(share.group(1))}: (\d+) texts/s", out).group(1))
+    assert abs(answered - int(share.group(2))) <= 0.1 * int(share.group(2)) + 1, out  # the schedule's rate, answered
+    assert "failed" not in out
     assert re.search(r"in-process, \d+x\d+, nothing else running: [\d.]+ ms each; in the service [\d.]+ ms", out)
 
 
