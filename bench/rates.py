@@ -4,18 +4,24 @@ for settings whose effect depends on how requests arrive, such as SENTIMENT_LONE
 waits for each answer and clients that do not can disagree.
 
   python bench/rates.py --configs auto auto:lone_spin=false [--rates 20 50 100 200] [--seconds 20] [--rounds 3]
+                        [--restart]
 
-Every configuration runs as its own service, all started before the first measurement; each round
-visits them in turn (order reversed every other round). Prints p50/p99 per rate and configuration, the
-median over rounds, and each round's figures. A benchmark: read the ratios, the machine is shared.
+Every configuration runs as its own service, all started before the first measurement (`--restart`:
+each started afresh for every round, since two services with the same settings can differ by more than
+an A/B's effect); each round visits them in turn (order reversed every other round). Prints the layout
+each start measured, then p50/p99 per rate and configuration, the median over rounds, and each round's
+figures. A benchmark: read the ratios, the machine is shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,12 +45,24 @@ def main() -> int:
     parser.add_argument("--rates", nargs="+", type=float, default=[20, 50, 100, 200], help="requests/s, open loop")
     parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--restart", action="store_true", help="each service started afresh every round")
     args = parser.parse_args()
 
-    services = {config: serve(args.model, "granian", config_env(config)) for config in args.configs}
+    services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def stop(config: str) -> None:
+        process, _ = services.pop(config)
+        process.terminate()
+        process.wait()
+
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
         for round_no in range(args.rounds):
+            for config in args.configs:  # one at a time: each measures its layout on an otherwise idle machine
+                if config not in services:
+                    services[config] = serve(args.model, "granian", config_env(config))
+                    serving = httpx.get(f"{services[config][1]}/v1/model").json()["serving"]
+                    print(f"{config}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
             order = list(services.items())[::-1 if round_no % 2 else 1]
             for rate in args.rates:
                 for config, (_, url) in order:
@@ -54,12 +72,15 @@ def main() -> int:
                     figures = wrk_load(url, 1, min(args.seconds, 5))
                     rows.setdefault(("1 client", config), []).append(
                         {"p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"], "failed": figures["errors"]})
+            if args.restart:
+                for config in args.configs:
+                    stop(config)
     finally:
-        for process, _ in services.values():
-            process.terminate()
-            process.wait()
+        for config in list(services):
+            stop(config)
 
-    print(f"medians of {args.rounds} rounds, {args.seconds:g} s each; open loop unless '1 client' (wrk)")
+    fresh = ", every service started afresh for each" if args.restart else ""
+    print(f"medians of {args.rounds} rounds{fresh}, {args.seconds:g} s each; open loop unless '1 client' (wrk)")
     print(f"{'load':10s} {'config':34s} {'p50 ms':>8s} {'p99 ms':>8s} {'failed':>7s}   rounds (p50/p99)")
     failed = 0
     for (load, config), figures in rows.items():

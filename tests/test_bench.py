@@ -81,10 +81,14 @@ def test_the_open_loop_generator_records_each_answers_status(service) -> None:
     assert len(results) == 20 and {status for _, _, status in results} == {404}
 
 
-def test_the_rates_bench_prints_a_row_per_rate_and_configuration(tiny_model) -> None:
+@pytest.mark.parametrize("restart", [False, True])
+def test_the_rates_bench_prints_a_row_per_rate_and_configuration(tiny_model, restart) -> None:
     configs = ["1x1", "1x1:lone_spin=false"]
     out = run_module("bench.rates", "--model", str(tiny_model), "--configs", *configs, "--rates", "20", "40",
-                     "--seconds", "1", "--rounds", "2", timeout=300).stdout
+                     "--seconds", "1", "--rounds", "2", *(["--restart"] if restart else []), timeout=300).stdout
+    assert ("every service started afresh" in out) == restart
+    for config in configs:  # the layout each start measured: once, or afresh for each of the two rounds
+        assert len(re.findall(rf"^{re.escape(config)}: 1x1, batches up to", out, re.M)) == (2 if restart else 1), out
     loads = ["20/s", "40/s"] + (["1 client"] if WRK else [])
     for load in loads:
         for config in configs:
