@@ -9,8 +9,8 @@ same batch shapes and layout. It answers the two questions the serving benchmark
   the cores the streams need) than alone in-process;
 - under open loop at shares of the 64-connection rate (`--shares`, 0.7 by default: the performance
   target's p99 is set there; requests on a fixed schedule), why the tail grows with the rate: the
-  batches the arrivals form, what they cost, how long texts queue, and what the streams could serve at
-  batches like those (the rate against that is how loaded the service really is).
+  batches the arrivals form, what they cost, how long texts queue, and what the streams would serve with
+  batches like those (below the saturated rate where that came from larger batches).
 
   python bench/breakdown.py [--seconds 6] [--rounds 3] [--config auto] [--shares 0.4 0.7]
 
@@ -122,7 +122,8 @@ def measure(load: Load, url: str, worker: int, streams: int, seconds: float) -> 
            / max(1.0, delta["sentiment_queue_wait_seconds_count"]) * 1000,
            "in_app_ms": delta["in_app_sum"] / max(1.0, delta["in_app_count"]) * 1000,
            "inference_busy_s": delta["sentiment_inference_duration_seconds_sum"] / seconds}
-    # What the streams would serve if every batch were like these: the rate against it is the real load.
+    # What the streams would serve, busy all the time, with every batch like these: where the saturated rate
+    # comes from batches larger than a lighter load forms, this is lower, and the load nearer its limit.
     out["capacity_at_these_batches"] = streams * out["batch_texts"] / max(out["batch_ms"], 1e-9) * 1000
     for role, value in cpu_after.items():
         out[f"{role} cores"] = (value - cpu[role]) / seconds
@@ -161,7 +162,7 @@ def main() -> None:
         worker = max(process_tree(process.pid), key=lambda pid: len(list(Path(f"/proc/{pid}/task").iterdir())))
         streams, threads = serving["streams"], serving["threads"]
         loads = {"1 connection(s)": closed_loop(url, 1), "64 connection(s)": closed_loop(url, 64)}
-        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in loads}
+        rounds: dict[str, list[dict[str, float]]] = {}
         for round_no in range(args.rounds):
             for name, load in list(loads.items()):
                 rounds.setdefault(name, []).append(measure(load, url, worker, streams, args.seconds))
@@ -183,8 +184,7 @@ def main() -> None:
     for name, f in figures.items():
         failed = f", {f['failed']:.0f} failed" if f["failed"] else ""
         print(f"\n{name}: {f['texts_per_s']:.0f} texts/s, p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.1f} ms{failed}; "
-              f"batches of {f['batch_texts']:.1f} texts, "
-              f"{f['batch_ms']:.2f} ms each")
+              f"batches of {f['batch_texts']:.1f} texts, {f['batch_ms']:.2f} ms each")
         print(f"  mean time in the app {f['in_app_ms']:.2f} ms: {f['queue_wait_ms']:.2f} queued, "
               f"{f['batch_ms']:.2f} in a batch, {f['in_app_ms'] - f['queue_wait_ms'] - f['batch_ms']:.2f} before and "
               f"after (HTTP parsing, tokenising, handing over between threads)")
@@ -192,9 +192,8 @@ def main() -> None:
             print(f"  {role:26} {f[f'{role} cores']:5.2f} cores  {f[f'{role} ms/request']:6.3f} ms CPU per request")
         for rest in ("anything else busy", "idle", "stolen"):
             print(f"  {rest:26} {f[f'{rest} cores']:5.2f} cores")
-        print(f"  streams busy {f['inference_busy_s'] / streams:.0%} of the time; at batches like these they serve "
-              f"{f['capacity_at_these_batches']:.0f} texts/s, so this load is "
-              f"{f['texts_per_s'] / f['capacity_at_these_batches']:.0%} of it")
+        print(f"  streams busy {f['inference_busy_s'] / streams:.0%} of the time; batches like these would serve "
+              f"{f['capacity_at_these_batches']:.0f} texts/s")
     print(f"\nthe same batches ({round(saturated['batch_texts'])} texts) in-process, {streams}x{threads}, nothing "
           f"else running: {alone:.2f} ms each; in the service {saturated['batch_ms']:.2f} ms "
           f"({saturated['batch_ms'] / alone:.2f}x: the event loop's {saturated['event loop cores']:.2f} cores come out "
