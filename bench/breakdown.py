@@ -31,8 +31,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.launch import percentile, process_tree
-from bench.openloop import open_loop
+from bench.launch import process_tree
+from bench.rates import open_loop_figures
 from bench.serving import MESSAGES, config_env, serve, wrk_load
 from service.artifact import load_artifact
 from service.layout import throughput
@@ -93,16 +93,13 @@ def closed_loop(url: str, clients: int) -> Load:
 
 
 def scheduled(url: str, rate: float) -> Load:
-    """Open loop from the compiled generator: latency from each request's scheduled time."""
+    """Open loop from the compiled generator (bench/rates.py): latency from each request's scheduled time."""
     def load(seconds: float) -> dict[str, float]:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        results = open_loop(url, rate, seconds, MESSAGES)
+        figures = open_loop_figures(url, rate, seconds)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        answered = [latency * 1000 for _, latency, status in results if status == 200]
         generator = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        return {"texts_per_s": len(answered) / seconds, "p50_ms": percentile(answered, 0.5),
-                "p99_ms": percentile(answered, 0.99), "generator_cores": generator / seconds,
-                "failed": len(results) - len(answered)}
+        return {**figures, "generator_cores": generator / seconds}
     return load
 
 

@@ -35,7 +35,7 @@ def open_loop_figures(url: str, rate: float, seconds: float) -> dict[str, float]
     results = open_loop(url, rate, seconds, MESSAGES)
     answered = [latency * 1000 for _, latency, status in results if status == 200]
     return {"p50_ms": percentile(answered, 0.5), "p99_ms": percentile(answered, 0.99),
-            "failed": len(results) - len(answered)}
+            "failed": len(results) - len(answered), "texts_per_s": len(answered) / seconds}
 
 
 def main() -> int:
