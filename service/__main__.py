@@ -75,9 +75,14 @@ def serve_granian(settings: Settings) -> None:
     # uvloop by name: granian's `auto` prefers its own rloop whenever that is installed, and rloop 0.5
     # served 5% less at 64 clients with a 40% higher p99 (bench/serving.py, 3 interleaved rounds).
     loop = Loops.uvloop if importlib.util.find_spec("uvloop") else Loops.asyncio
+    # A bound on every worker stop: granian 2.8's worker can deadlock in its own signal handler when the
+    # worker and the master are signalled at once (Ctrl-C reaches the whole process group; 4 hangs in 40
+    # tries here), and without a kill timeout the master then waits for it forever. Its maintainers advise
+    # setting one in production (emmett-framework/granian#875).
     server = DrainingServer("service.app:app_from_env", factory=True, address=settings.host, port=settings.port,
                             interface=Interfaces.ASGI, workers=1, loop=loop, log_enabled=True,
-                            log_level=LogLevels.warning, log_access=False)
+                            log_level=LogLevels.warning, log_access=False,
+                            workers_kill_timeout=settings.worker_stop_timeout_s)
     drain = Drain(settings.drain_delay_s, notify=lambda: [os.kill(w._id(), DRAIN_SIGNAL) for w in server.wrks],
                   stop=lambda _: Server.signal_handler_interrupt(server))
     server.serve()

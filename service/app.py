@@ -17,7 +17,7 @@ from service.artifact import load_artifact
 from service.aspects import check_aspect_config
 from service.disconnect import cancel_on_disconnect, closing
 from service.errors import handle_exception
-from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent
+from service.lifetime import MASTER_PID_VARIABLE, exit_with_parent, is_server_worker
 from service.metrics import Metrics
 from service.routes import AdminController, HealthController, provide_scorer, sentiment_router
 from service.scoring import Scorer
@@ -97,8 +97,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 def app_from_env() -> Litestar:
     """Factory for ASGI servers (`granian --factory service.app:app_from_env`)."""
-    master = os.environ.get(MASTER_PID_VARIABLE)
-    if master and int(master) != os.getpid():
-        exit_with_parent(int(master))
+    if is_server_worker():
+        exit_with_parent(int(os.environ[MASTER_PID_VARIABLE]))
     return create_app(Settings.from_env())
 

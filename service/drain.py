@@ -16,6 +16,8 @@ import signal
 import threading
 from collections.abc import Callable
 
+from service.lifetime import is_server_worker
+
 log = logging.getLogger("sentiment.drain")
 DRAIN_SIGNAL = signal.SIGUSR1
 
@@ -42,6 +44,14 @@ class Drain:
 
 
 def install_drain_handler(on_drain: Callable[[], None]) -> None:
-    """The worker's side: DRAIN_SIGNAL calls `on_drain` on the running loop (where signals can be had)."""
+    """The worker's side: DRAIN_SIGNAL calls `on_drain` on the running loop (where signals can be had).
+
+    A worker forked by granian also ignores SIGINT: Ctrl-C reaches the whole process group, the master
+    then stops the worker with SIGTERM, and granian 2.8's worker could deadlock in its own signal handler
+    when both arrived at once (4 hangs in 40 tries here, the master waiting for it forever)."""
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        asyncio.get_running_loop().add_signal_handler(DRAIN_SIGNAL, on_drain)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(DRAIN_SIGNAL, on_drain)
+        if is_server_worker():
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -21,3 +21,9 @@ def exit_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGTERM) -> N
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
+
+
+def is_server_worker() -> bool:
+    """This process is the worker that `python -m service` forked for granian (not the master, not uvicorn)."""
+    master = os.environ.get(MASTER_PID_VARIABLE)
+    return bool(master) and int(master) != os.getpid()

@@ -48,6 +48,8 @@ class Settings:
     queue_size: int = _doc(512, "texts waiting for inference before new requests get 503 + Retry-After")
     drain_delay_s: float = _doc(3.0, "on SIGTERM: seconds of serving with /health/ready at 503 before new "
                                  "connections are refused (SIGINT: none)")
+    worker_stop_timeout_s: int = _doc(15, "granian: seconds a stopping worker gets (finishing its queue, stopping "
+                                      "the teacher) before the master kills it, so no stop can hang")
     request_timeout_s: float = _doc(5.0, "request deadline; past it the answer is 504")
     max_texts: int = _doc(64, "most texts in one request")
     max_text_chars: int = _doc(10_000, "longest text in characters")
@@ -108,6 +110,7 @@ class Settings:
              "SENTIMENT_MAX_WAIT_MS must be at least 0 and SENTIMENT_HARD_CASES_MAX_MB positive"),
             (self.max_batch_ms < 0, "SENTIMENT_MAX_BATCH_MS must be at least 0"),
             (self.backlog_batch_tokens < 0, "SENTIMENT_BACKLOG_BATCH_TOKENS must be at least 0"),
+            (self.worker_stop_timeout_s < 1, "SENTIMENT_WORKER_STOP_TIMEOUT_S must be at least 1"),
         ]
         for bad, message in problems:
             if bad:

@@ -9,9 +9,11 @@ server can answer it (README, Scaling out)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -76,3 +78,44 @@ def test_sigterm_drains_under_load_and_drops_nothing(tiny_model, tmp_path, serve
     assert any(outcome == "ok" and t > signalled + DELAY_S * 0.8 for t, outcome in log)
     for pid in below:
         assert gone(pid), f"{cmdline(pid)[:80]!r} outlived the drained service"
+
+
+def granian_worker(master: int) -> int:
+    """The worker granian forked for `python -m service` (the child with the master's command line)."""
+    workers = [pid for pid in process_tree(master)[1:] if cmdline(pid) == cmdline(master)]
+    assert len(workers) == 1, [cmdline(pid) for pid in process_tree(master)]
+    return workers[0]
+
+
+def test_ctrl_c_stops_the_service_every_time(tiny_model, tmp_path) -> None:
+    """Ctrl-C signals the whole process group, master and worker at once. granian 2.8's worker could
+    deadlock in its own signal handler when its SIGINT met the master's SIGTERM (4 hangs in 40 tries, the
+    master waiting forever), so the worker ignores SIGINT and the master alone stops it."""
+    for _ in range(3):
+        with running_service(tiny_model, tmp_path, SENTIMENT_TEACHER_ENABLED="true") as svc:
+            httpx.post(f"{svc.url}/v1/sentiment", json={"text": "still here?"}).raise_for_status()
+            below = process_tree(svc.process.pid)[1:]
+            worker = granian_worker(svc.process.pid)
+            ignored = int(next(line.split()[1] for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                               if line.startswith("SigIgn:")), 16)
+            assert ignored & (1 << (signal.SIGINT - 1)), "the worker must leave SIGINT to the master"
+            for pid in (svc.process.pid, worker):  # as the terminal's Ctrl-C does
+                os.kill(pid, signal.SIGINT)
+            assert svc.process.wait(timeout=20) == 0
+        for pid in below:  # the worker and the embedded teacher
+            assert gone(pid), f"{cmdline(pid)[:80]!r} outlived Ctrl-C"
+
+
+def test_a_worker_that_never_stops_is_killed_after_the_stop_timeout(tiny_model, tmp_path) -> None:
+    """SENTIMENT_WORKER_STOP_TIMEOUT_S bounds every stop: a worker that does not stop on its own (here
+    SIGSTOPped) is killed, and the master exits, where it used to wait for the worker forever."""
+    env = {"SENTIMENT_WORKER_STOP_TIMEOUT_S": "2", "SENTIMENT_DRAIN_DELAY_S": "0"}
+    with running_service(tiny_model, tmp_path, **env) as svc:
+        worker = granian_worker(svc.process.pid)
+        os.kill(worker, signal.SIGSTOP)
+        stopping = time.monotonic()
+        svc.process.send_signal(signal.SIGTERM)
+        svc.process.wait(timeout=20)
+        waited = time.monotonic() - stopping
+    assert gone(worker)
+    assert waited >= 1.5, f"the master gave the worker {waited:.1f} s, not its stop timeout"

@@ -28,6 +28,7 @@ def test_booleans_read_the_usual_words(raw, value) -> None:
     ({"SENTIMENT_PORT": "70000"}, "SENTIMENT_PORT"),
     ({"SENTIMENT_MAX_BATCH_MS": "-1"}, "SENTIMENT_MAX_BATCH_MS"),
     ({"SENTIMENT_BACKLOG_BATCH_TOKENS": "-1"}, "SENTIMENT_BACKLOG_BATCH_TOKENS"),
+    ({"SENTIMENT_WORKER_STOP_TIMEOUT_S": "0"}, "SENTIMENT_WORKER_STOP_TIMEOUT_S"),
 ])
 def test_bad_or_contradictory_settings_are_refused_naming_the_variable(env, named) -> None:
     with pytest.raises(ValueError, match=named):
