@@ -85,11 +85,14 @@ def metric_sums(url: str) -> dict[str, float]:
     return values
 
 
-Load = Callable[[float], dict[str, float]]  # seconds -> texts_per_s, p50_ms, p99_ms, generator_cores
+Load = Callable[[float], dict[str, float]]  # seconds -> texts_per_s, p50_ms, p99_ms, failed, generator_cores
 
 
 def closed_loop(url: str, clients: int) -> Load:
-    return lambda seconds: wrk_load(url, clients, seconds)
+    def load(seconds: float) -> dict[str, float]:
+        figures = wrk_load(url, clients, seconds)
+        return {**figures, "failed": figures["errors"]}
+    return load
 
 
 def scheduled(url: str, rate: float) -> Load:
@@ -112,7 +115,7 @@ def measure(load: Load, url: str, worker: int, streams: int, seconds: float) -> 
     requests = figures["texts_per_s"] * seconds
     batches = max(1.0, delta["sentiment_inference_duration_seconds_count"])
     out = {"texts_per_s": figures["texts_per_s"], "p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"],
-           "failed": figures.get("failed", figures.get("errors", 0)),
+           "failed": figures["failed"],
            "batch_texts": delta["sentiment_batch_size_sum"] / batches,
            "batch_ms": delta["sentiment_inference_duration_seconds_sum"] / batches * 1000,
            "queue_wait_ms": delta["sentiment_queue_wait_seconds_sum"]

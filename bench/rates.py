@@ -21,13 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.launch import percentile
 from bench.openloop import open_loop
-from bench.serving import MESSAGES, WRK, config_env, serve, wrk_load
+from bench.serving import MESSAGES, WRK, serve_reporting, wrk_load
 from service.settings import DEFAULT_MODEL_DIR
 
 
@@ -60,9 +58,7 @@ def main() -> int:
         for round_no in range(args.rounds):
             for config in args.configs:  # one at a time: each measures its layout on an otherwise idle machine
                 if config not in services:
-                    services[config] = serve(args.model, "granian", config_env(config))
-                    serving = httpx.get(f"{services[config][1]}/v1/model").json()["serving"]
-                    print(f"{config}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
+                    services[config] = serve_reporting(args.model, "granian", config, config)
             order = list(services.items())[::-1 if round_no % 2 else 1]
             for rate in args.rates:
                 for config, (_, url) in order:

@@ -172,6 +172,14 @@ def serve(model: Path, server: str, extra: dict[str, str]) -> tuple[subprocess.P
                           "SENTIMENT_TEACHER_ENABLED": "false", "SENTIMENT_QUEUE_SIZE": "4096", **extra})
 
 
+def serve_reporting(model: Path, server: str, config: str, label: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`serve` with `config` (LAYOUT[:setting=value,...]), then print the layout that start measured."""
+    process, url = serve(model, server, config_env(config))
+    serving = httpx.get(f"{url}/v1/model").json()["serving"]
+    print(f"{label}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
+    return process, url
+
+
 PEERS = ["plain", "pipeline", "ray"]
 RAY_PYTHON = ROOT / ".cache" / "ray-venv" / "bin" / "python"  # make ray-venv
 
@@ -225,7 +233,7 @@ def main() -> None:
         return asyncio.run(load(url, clients, seconds, extra))
 
     starters: dict[str, Callable[[], tuple[subprocess.Popen[bytes], str]]] = {
-        f"{server}/{name}": functools.partial(serve, args.model, server, config_env(name))
+        f"{server}/{name}": functools.partial(serve_reporting, args.model, server, name, f"{server}/{name}")
         for server in args.servers for name in args.configs}
     for kind in args.peers:
         if kind == "ray" and not RAY_PYTHON.exists():
@@ -241,9 +249,6 @@ def main() -> None:
         """The server's URL, started one at a time: each measures its layout on an otherwise idle machine."""
         if key not in services:
             services[key] = starters[key]()
-            if not key.startswith("peer/"):
-                serving = httpx.get(f"{services[key][1]}/v1/model").json()["serving"]
-                print(f"{key}: {serving['reason']}; backlog: {serving['backlog_reason']}", flush=True)
         return services[key][1]
 
     def stop(key: str) -> None:
