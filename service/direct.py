@@ -38,6 +38,7 @@ def direct_json(request_type: type[msgspec.Struct],
     def wrap(app: ASGIApp) -> ASGIApp:
         async def answer(scope: Scope, receive: Receive, send: Send) -> None:
             handler = scope["route_handler"]
+            body = None
             try:
                 if handler.resolve_guards():
                     await handler.authorize_connection(ASGIConnection(scope, receive, send))
@@ -49,7 +50,8 @@ def direct_json(request_type: type[msgspec.Struct],
                 result = await handler.fn(data=decoder.decode(body), **provided)
                 status, payload, extra = 200, _encoder.encode(result), []
             except Exception as exc:
-                error = answer_for(exc, scope["path"])
+                encoding = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-encoding"), None)
+                error = answer_for(exc, scope["path"], body, encoding)
                 status, payload = error.status, _encoder.encode(error.body)
                 extra = [(key.lower().encode(), value.encode()) for key, value in (error.headers or {}).items()]
             await send({"type": "http.response.start", "status": status,

@@ -12,8 +12,11 @@ import re
 from typing import Any, NamedTuple
 
 import msgspec
+import orjson
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.utils.empty import value_or_default
+from litestar.utils.scope.state import ScopeState
 
 log = logging.getLogger("sentiment.errors")
 
@@ -75,22 +78,25 @@ def error_answer(kind: ErrorKind, message: str, details: Any = None, retry_after
 
 def handle_exception(request: Request, exc: Exception) -> Response[dict[str, Any]]:
     """Litestar's exception handler: every exception that reaches it becomes the JSON error body."""
-    answer = answer_for(exc, request.url.path)
+    body = value_or_default(ScopeState.from_scope(request.scope).body, None)
+    answer = answer_for(exc, request.url.path, body, request.headers.get("content-encoding"))
     return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
 
-def answer_for(exc: Exception, path: str) -> ErrorAnswer:
-    """The answer to a request that raised `exc` (also used by routes Litestar does not answer itself)."""
+def answer_for(exc: Exception, path: str, body: bytes | None = None,
+               content_encoding: str | None = None) -> ErrorAnswer:
+    """The answer to a request that raised `exc` (also used by routes Litestar does not answer itself);
+    `body`, where it was read, lets an undecodable one be explained (`malformed_body`)."""
     if isinstance(exc, ServiceError):
         return error_answer(exc.kind, exc.message, exc.details, exc.retry_after)
     decode_error = _body_decode_error(exc)
+    empty = body is not None and not body.strip()  # Litestar reports an empty body as a missing `data`
+    if empty and (decode_error is not None or isinstance(exc, ValidationException)):
+        return malformed_body(body, content_encoding, str(exc))
     if isinstance(decode_error, msgspec.ValidationError):
         return _schema_violation(str(decode_error))
-    if decode_error is not None:
-        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)",
-                            str(decode_error))
-    if isinstance(exc, UnicodeDecodeError):  # raised only by Litestar's decoding of the request body
-        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid UTF-8", str(exc.reason))
+    if decode_error is not None or isinstance(exc, UnicodeDecodeError):
+        return malformed_body(body, content_encoding, str(decode_error or exc))
     if isinstance(exc, ValidationException):
         return _validation_answer(exc)
     if isinstance(exc, HTTPException):
@@ -101,6 +107,30 @@ def answer_for(exc: Exception, path: str) -> ErrorAnswer:
         return error_answer(kind, exc.detail, exc.extra or None)
     log.exception("unhandled error", extra={"error_type": type(exc).__name__, "path": path})
     return error_answer(ErrorKind.INTERNAL, "internal error")
+
+
+def malformed_body(body: bytes | None, content_encoding: str | None, reason: str) -> ErrorAnswer:
+    """Why a body is not a JSON document, in terms a client can act on: a compressed body (the service
+    takes none), an empty one, bytes that are not UTF-8 (which byte), or orjson's reason with line and
+    column (msgspec's own is vaguer: a lone surrogate escape is 'Input data was truncated').
+    `reason` is the decoder's message, kept where the body is not at hand."""
+    if content_encoding and content_encoding.strip().lower() != "identity":
+        return error_answer(ErrorKind.UNSUPPORTED_MEDIA,
+                            f"Content-Encoding {content_encoding!r} is not supported: send the JSON body uncompressed")
+    if body is None:
+        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)", reason)
+    if not body.strip():
+        return error_answer(ErrorKind.MALFORMED_JSON, 'request body is empty: send a JSON object (see /schema)')
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid UTF-8",
+                            f"{exc.reason} at byte {exc.start}")
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc)
+    return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid JSON", reason)
 
 
 def _body_decode_error(exc: BaseException) -> msgspec.DecodeError | None:
