@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         middleware=[timing_middleware(metrics, lambda: app.state.get("scorer") is not None
-                                      and app.state.scorer.draining), cancel_on_disconnect(metrics)],
+                                      and app.state.scorer.draining),
+                    cancel_on_disconnect(metrics, settings.request_timeout_s)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Sentiment inference service", version="1.0.0",
                                      description="Distilled int8 student with a teacher-LLM fallback."),

@@ -28,6 +28,7 @@ class ErrorKind(enum.Enum):
     UNAUTHORIZED = ("unauthorized", 401)
     NOT_FOUND = ("not_found", 404)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405)
+    BODY_TIMEOUT = ("body_timeout", 408)
     TOO_LARGE = ("payload_too_large", 413)
     UNSUPPORTED_MEDIA = ("unsupported_media_type", 415)
     OVERLOADED = ("overloaded", 503)

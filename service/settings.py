@@ -50,7 +50,7 @@ class Settings:
                                  "connections are refused (SIGINT: none)")
     worker_stop_timeout_s: int = _doc(15, "granian: seconds a stopping worker gets (finishing its queue, stopping "
                                       "the teacher) before the master kills it, so no stop can hang")
-    request_timeout_s: float = _doc(5.0, "request deadline; past it the answer is 504")
+    request_timeout_s: float = _doc(5.0, "request deadline; past it the answer is 504 (408: the body did not arrive)")
     max_texts: int = _doc(64, "most texts in one request")
     max_text_chars: int = _doc(10_000, "longest text in characters")
     max_body_bytes: int = _doc(1_048_576, "largest request body")

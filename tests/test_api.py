@@ -177,6 +177,34 @@ def test_a_client_that_hangs_up_mid_body_is_counted_and_the_server_keeps_serving
     assert metric(after, hung_up) == metric(before, hung_up) + 1
 
 
+def test_a_client_that_stalls_mid_body_gets_408_at_the_deadline_and_the_server_keeps_serving(service) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    with service.client() as client:
+        before = client.get("/metrics").text
+        stalled = [socket.create_connection((host, int(port))) for _ in range(2)]
+        started = time.monotonic()
+        for raw, route in zip(stalled, [b"/v1/sentiment", b"/v1/sentiment/explain"], strict=True):
+            raw.sendall(b"POST " + route + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 5000\r\n\r\n" + b'{"text": "half a bo')
+        answers = []
+        for raw in stalled:
+            raw.settimeout(15)
+            answers.append(raw.recv(65536))  # the whole short answer, or b"" if the server just closed
+            raw.close()
+        waited = time.monotonic() - started
+        assert client.post("/v1/sentiment", json={"text": "next"}).status_code == 200
+        after = client.get("/metrics").text
+    assert 4.5 <= waited < 10  # the service's request deadline is 5 s
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        assert json.loads(body)["error"]["code"] == "body_timeout"
+        assert b"within 5 s" in body
+    for route in ("/v1/sentiment", "/v1/sentiment/explain"):
+        timed_out = f'sentiment_request_duration_seconds_count{{method="POST",route="{route}",status="408"}}'
+        assert metric(after, timed_out) == metric(before, timed_out) + 1
+
+
 HOSTILE_BODIES = {  # each with what its error must say (the test service takes bodies up to 20,000 bytes)
     "deep array": (b"[" * 5000 + b"]" * 5000, "Expected `object`, got `array`"),
     "deep object": (b'{"a":' * 3000 + b"1" + b"}" * 3000, "unknown field `a`"),
