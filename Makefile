@@ -24,7 +24,7 @@ LLAMA_FLAGS_ID := $(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sentiment-service/llama-cpp-python-$(LLAMA_VERSION)-$(TEACHER_ISA)-$(LLAMA_FLAGS_ID)
 MODEL_DIR ?= models/sentiment-minilm-int8
 
-.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench soak emulated dashboard clean print-settings \
+.PHONY: serve test lint model teacher teacher-wheel loadtest loadtest-compare bench overload soak emulated dashboard clean print-settings \
 	aspect-eval aspect-encoder ray-venv
 
 $(BIN)/python:
@@ -115,6 +115,9 @@ aspect-eval: $(VENV)/.all  ## pair F1 per aspect and label, student and teacher 
 
 aspect-encoder: $(VENV)/.all  ## re-export the aspect sentence encoder into models/aspect-minilm-int8 (gated)
 	$(BIN)/python -m export.encoder --out models/aspect-minilm-int8
+
+overload: $(VENV)/.all  ## 1000 clients against the default queue: answers, refusals and timeouts per second (needs wrk)
+	$(BIN)/python bench/overload.py
 
 soak: $(VENV)/.all  ## 10 minutes at 80% of the service's capacity: memory growth and p99 drift (a benchmark)
 	$(BIN)/python bench/soak.py

@@ -132,6 +132,7 @@ request = function()
   i = i + 1
   return wrk.format(nil, "/v1/sentiment", nil, bodies[i %% #bodies + 1])
 end
+%s
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("WRK {\\"requests\\": %%d, \\"seconds\\": %%f, \\"errors\\": %%d, "
@@ -139,13 +140,29 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.status + e.timeout, latency:percentile(50), latency:percentile(99)))
 end
 """
+# A client that honours Retry-After: each 503 puts off one next request by that many ms (wrk keeps no
+# per-connection state for its script, so the pause goes to whichever connection writes next).
+_WRK_BACKOFF = """
+local owed = 0
+response = function(status, headers, body)
+  if status == 503 then owed = owed + 1 end
+end
+delay = function()
+  if owed > 0 then owed = owed - 1; return %d end
+  return 0
+end
+"""
 
 
-def wrk_load(url: str, clients: int, seconds: float, extra: dict | None = None) -> dict[str, float]:
-    """The same closed loop from wrk (compiled, one thread): the load generator costs the servers little CPU."""
-    bodies = ", ".join(f"[[{orjson.dumps({'text': text, **(extra or {})}).decode()}]]" for text in MESSAGES)
+def wrk_load(url: str, clients: int, seconds: float, extra: dict | None = None,
+             bodies: list[dict] | None = None, backoff_ms: int = 0) -> dict[str, float]:
+    """The same closed loop from wrk (compiled, one thread): the load generator costs the servers little CPU.
+    Each request is one of `bodies`, in turn (default: `{"text": message, **extra}` per message); with
+    `backoff_ms`, each 503 holds a next request back that long."""
+    bodies = bodies or [{"text": text, **(extra or {})} for text in MESSAGES]
+    lua_bodies = ", ".join(f"[[{orjson.dumps(body).decode()}]]" for body in bodies)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT % bodies)
+        script.write(_WRK_SCRIPT % (lua_bodies, _WRK_BACKOFF % backoff_ms if backoff_ms else ""))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk's CPU once it has been waited for
     try:
         out = subprocess.run([WRK, "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "-s", script.name,

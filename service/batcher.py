@@ -89,6 +89,17 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
+    def refuse_if_full(self, count: int) -> None:
+        """A 503 now for `count` texts the queue has no room for, before the request spends more on them
+        (`submit` checks again under the lock)."""
+        if (queued := len(self._pending)) + count > self.queue_size:
+            self._refuse(count, queued)
+
+    def _refuse(self, count: int, queued: int) -> None:
+        self._metrics.rejected.labels("queue_full").inc(count)
+        raise ServiceError(ErrorKind.OVERLOADED, "inference queue is full, retry shortly",
+                           {"queue_size": self.queue_size, "queued": queued}, retry_after=1)
+
     async def submit(self, sequences: Sequence[list[int]], deadline: float) -> list[Any]:
         """Queue the texts of one request; their result rows come back in the same order."""
         if self._closing:
@@ -101,9 +112,7 @@ class Batcher:
                 self._pending.extend(items)
                 self._state.notify_all()
         if queued + len(items) > self.queue_size:
-            self._metrics.rejected.labels("queue_full").inc(len(items))
-            raise ServiceError(ErrorKind.OVERLOADED, "inference queue is full, retry shortly",
-                               {"queue_size": self.queue_size, "queued": queued}, retry_after=1)
+            self._refuse(len(items), queued)
         self._metrics.queue_depth.set(queued + len(items))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):  # no extra task, unlike wait_for

@@ -67,6 +67,11 @@ class Layout:
     def shape(self) -> str:
         return f"{self.streams}x{self.threads}"
 
+    @property
+    def texts_per_s(self) -> float | None:
+        """What calibration measured for the chosen layout and budget; None when it was fixed by hand."""
+        return self.measured.get(_name((self.streams, self.threads, self.batch_tokens)))
+
     def to_json(self) -> dict[str, object]:
         return {"streams": self.streams, "threads": self.threads, "batch_tokens": self.batch_tokens,
                 "reason": self.reason, "backlog_batch_tokens": self.backlog_tokens,

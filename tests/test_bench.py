@@ -117,3 +117,18 @@ def test_the_in_app_bench_drives_each_configuration_without_http(tiny_model) -> 
         assert row, out
         texts_per_s, per_batch, _, busy = (float(value) for value in row.groups())
         assert texts_per_s > 0 and 1 <= per_batch <= 8 and 0 < busy <= 105, out  # 8 callers: at most 8 a batch
+
+
+def test_the_overload_bench_counts_answers_and_refusals_for_both_kinds_of_client(tiny_model) -> None:
+    if WRK is None:
+        pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
+    # A queue of 8 texts against 200 connections of 5 texts each: most requests must be refused.
+    out = run_module("bench.overload", "--model", str(tiny_model), "--configs", "1x1:queue_size=8,max_texts=5",
+                     "--connections", "200", "--seconds", "1", "--rounds", "1", timeout=300).stdout
+    assert "200 connections, 5 texts per request" in out
+    for client in ("no back-off", "Retry-After"):
+        cells = r"(\d+) \| (\d+) \((\d+) ms\) \| (\d+) \((\d+) ms\) \|"
+        row = re.search(rf"^\| 1x1:queue_size=8,max_texts=5 \| {client} \| {cells}", out, re.M)
+        assert row, out
+        served, answered, _, refused, _ = map(int, row.groups())
+        assert answered > 0 and refused > 0 and served == pytest.approx(answered * 5, abs=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import threading
 import time
@@ -11,8 +12,10 @@ from collections import Counter
 import pytest
 
 from service.artifact import load_artifact
+from service.engine import warn_if_queue_outlasts_deadline
 from service.layout import (
     TOKEN_BUDGETS,
+    Layout,
     available_cores,
     calibrate,
     calibration_sequences,
@@ -191,3 +194,15 @@ def test_the_service_reports_the_layout_it_measured(tiny_model, tmp_path) -> Non
     assert serving["measured_batch_ms"].keys() == serving["measured_texts_per_s"].keys()
     assert serving["backlog_batch_tokens"] in (0, 2 * serving["batch_tokens"]) and serving["backlog_reason"]
     assert '"layout chosen"' in svc.log.read_text()
+
+
+def test_a_queue_deeper_than_the_deadline_is_warned_of_with_the_depth_that_fits(caplog) -> None:
+    measured = Layout(2, 1, 64, measured={"2x1 t64": 300.0, "2x1 t128": 900.0})
+    with caplog.at_level(logging.WARNING, logger="sentiment.engine"):
+        warn_if_queue_outlasts_deadline(measured, Settings(queue_size=512, request_timeout_s=5.0))  # 1.7 s of work
+        warn_if_queue_outlasts_deadline(Layout(2, 1, 64), Settings(queue_size=4096))  # fixed: no rate
+        assert not caplog.records
+        warn_if_queue_outlasts_deadline(measured, Settings(queue_size=4096, request_timeout_s=5.0))  # 13.7 s of work
+    [record] = caplog.records
+    assert record.getMessage() == "queue deeper than the deadline"
+    assert record.seconds_of_work == 13.7 and "SENTIMENT_QUEUE_SIZE at most 1500" in record.advice
