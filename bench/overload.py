@@ -1,4 +1,4 @@
-"""Overload: many more clients than the service can serve, none backing off (wrk ignores Retry-After).
+"""Overload: many more clients than the service can serve, each keeping a request in flight.
 What a production service owes them: the texts it can serve served, the rest refused at once (503), and
 the event loop not so busy refusing that admitted requests miss their deadline. Each service meets two
 kinds of client in turn: wrk as it is, sending again the moment it is refused, and wrk honouring
