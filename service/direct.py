@@ -14,7 +14,7 @@ at 64 (README, "Where the time goes"). Errors get the same JSON bodies as everyw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -22,7 +22,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorKind, ServiceError, answer_for
+from service.errors import ErrorAnswer, ErrorKind, ServiceError, answer_for
 
 _encoder = msgspec.json.Encoder()
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -48,19 +48,29 @@ def direct_json(request_type: type[msgspec.Struct],
                 state = scope["litestar_app"].state
                 provided = {name: provide(state) for name, provide in dependencies.items()}
                 result = await handler.fn(data=decoder.decode(body), **provided)
-                status, payload, extra = 200, _encoder.encode(result), []
+                messages = json_messages(200, _encoder.encode(result))
             except Exception as exc:
                 encoding = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-encoding"), None)
-                error = answer_for(exc, scope["path"], body, encoding)
-                status, payload = error.status, _encoder.encode(error.body)
-                extra = [(key.lower().encode(), value.encode()) for key, value in (error.headers or {}).items()]
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [*JSON_HEADERS, (b"content-length", str(len(payload)).encode()), *extra]})
-            await send({"type": "http.response.body", "body": payload})
+                messages = error_messages(answer_for(exc, scope["path"], body, encoding))
+            for message in messages:
+                await send(message)
 
         return answer
 
     return wrap
+
+
+def json_messages(status: int, payload: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[Message, Message]:
+    """A whole JSON answer as its two ASGI messages."""
+    return ({"type": "http.response.start", "status": status,
+             "headers": [*JSON_HEADERS, (b"content-length", str(len(payload)).encode()), *headers]},
+            {"type": "http.response.body", "body": payload})
+
+
+def error_messages(error: ErrorAnswer) -> tuple[Message, Message]:
+    """An error's JSON body and extra headers (Retry-After) as its two ASGI messages."""
+    headers = [(key.lower().encode(), value.encode()) for key, value in (error.headers or {}).items()]
+    return json_messages(error.status, _encoder.encode(error.body), headers)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int | None) -> bytes | None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import orjson
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.direct import error_messages
 from service.errors import ErrorKind, error_answer
 from service.metrics import Metrics
 
@@ -38,12 +38,9 @@ def closing(start: Message) -> Message:
 
 def body_timeout_answer(body_timeout_s: float) -> tuple[Message, Message]:
     """The 408 for a body that did not arrive in time, as ASGI messages; the connection is not reused."""
-    answer = error_answer(ErrorKind.BODY_TIMEOUT, f"request body not received within {body_timeout_s:g} s "
-                          "(SENTIMENT_REQUEST_TIMEOUT_S)")
-    payload = orjson.dumps(answer.body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    return (closing({"type": "http.response.start", "status": answer.status, "headers": headers}),
-            {"type": "http.response.body", "body": payload})
+    start, body = error_messages(error_answer(ErrorKind.BODY_TIMEOUT, f"request body not received within "
+                                              f"{body_timeout_s:g} s (SENTIMENT_REQUEST_TIMEOUT_S)"))
+    return closing(start), body
 
 
 def cancel_on_disconnect(metrics: Metrics, body_timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
