@@ -99,7 +99,7 @@ def answer_for(exc: Exception, path: str, body: bytes | None = None,
     if decode_error is not None or isinstance(exc, UnicodeDecodeError):
         return malformed_body(body, content_encoding, str(decode_error or exc))
     if isinstance(exc, ValidationException):
-        return _validation_answer(exc)
+        return _validation_answer(exc, body, content_encoding)
     if isinstance(exc, HTTPException):
         kind = _HTTP_STATUS_KIND.get(exc.status_code, ErrorKind.INTERNAL)
         if kind is ErrorKind.INTERNAL and exc.status_code < 500:
@@ -159,12 +159,12 @@ def _schema_violation(message: str) -> ErrorAnswer:
     return error_answer(ErrorKind.INVALID_REQUEST, f"{field}: {text}" if field else text, details)
 
 
-def _validation_answer(exc: ValidationException) -> ErrorAnswer:
+def _validation_answer(exc: ValidationException, body: bytes | None, content_encoding: str | None) -> ErrorAnswer:
     """Litestar raises ValidationException both for unparseable bodies and for schema violations."""
     detail = str(exc.detail or "")
     extra = exc.extra if isinstance(exc.extra, list) else []
     if "malformed" in detail.lower() or ("json" in detail.lower() and not extra):
-        return error_answer(ErrorKind.MALFORMED_JSON, "request body is not valid JSON (or not UTF-8)", detail)
+        return malformed_body(body, content_encoding, detail)
     fields = [{"field": item.get("key"), "message": item.get("message")} for item in extra if isinstance(item, dict)]
     message = fields[0]["message"] if fields else detail
     if fields and fields[0]["field"]:
