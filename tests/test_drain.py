@@ -4,7 +4,7 @@ service and its teacher are gone in time.
 
 Clients stop just before the server stops accepting, as a load balancer that has seen readiness 503
 does: a connection still in the kernel's accept backlog when the listener closes is reset, and no
-server can answer it (README, Scaling out)."""
+server can answer it (README, Reload and drain)."""
 
 from __future__ import annotations
 
