@@ -91,9 +91,8 @@ def answer_for(exc: Exception, path: str, body: bytes | None = None,
     if isinstance(exc, ServiceError):
         return error_answer(exc.kind, exc.message, exc.details, exc.retry_after)
     decode_error = _body_decode_error(exc)
-    empty = body is not None and not body.strip()  # Litestar reports an empty body as a missing `data`
-    if empty and (decode_error is not None or isinstance(exc, ValidationException)):
-        return malformed_body(body, content_encoding, str(exc))
+    if body is not None and not body.strip() and isinstance(exc, ValidationException):
+        return malformed_body(body, content_encoding, str(exc))  # Litestar's "missing `data`" for an empty body
     if isinstance(decode_error, msgspec.ValidationError):
         return _schema_violation(str(decode_error))
     if decode_error is not None or isinstance(exc, UnicodeDecodeError):
