@@ -4,11 +4,12 @@
 
 Steps: optimum ONNX export (fp32) -> for each variant (s8 weights for VNNI/AMX CPUs, u8 weights for any
 CPU): int8 candidates (plain; activation-smoothed at a few strengths; the 2, 4 or 6 MatMuls where int8
-moves the logits most kept in fp32) -> the one with the fewest fp32 MatMuls that reaches --min-agreement
-on dev -> temperature fitted on dev -> evaluation on the test splits -> gate per variant (agreement,
-accuracy drop per source) -> model.onnx (+ model-vnni.onnx) + tokenizer.json + manifest.json. A variant
-this CPU cannot run exactly is not built (its agreement could not be measured here). A failed gate exits 1 with the
-report and writes nothing to --out.
+moves the logits most kept in fp32), each with dynamic activation ranges and with static ones (a text's
+scores then do not depend on its batch) -> among those that reach --min-agreement on dev, a static one,
+then the fewest fp32 MatMuls -> temperature fitted on dev -> evaluation on the test splits -> gate per
+variant (agreement, accuracy drop per source) -> model.onnx + model-vnni.onnx + tokenizer.json +
+manifest.json. An s8 variant is measured through its u8 twin on a CPU without VNNI (the same integer
+products, exact everywhere). A failed gate exits 1 with the report and writes nothing to --out.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import numpy as np
 from distill.data import LOADERS, Example, load_all, sample
 from distill.metrics import fit_temperature
 from export.gate import GateLimits, agreement, evaluation_table, gate, onnx_logits
-from export.onnx import copy_tokenizer, export_fp32, quantize_int8, weight_matmuls
+from export.onnx import copy_tokenizer, export_fp32, quantize_int8, u8_twin, weight_matmuls
 from export.smooth import smooth_model
+from export.static import fix_activation_ranges
 from service.artifact import LABELS, MODEL_FILE, Manifest, cpu_flags, sha256_of, write_manifest
 from service.tokenization import TextEncoder
 
@@ -68,6 +70,17 @@ class VariantSpec:
     weights: str  # u8: exact on every CPU; s8: exact (and twice as fast) with VNNI or AMX
     requires_any: tuple[str, ...]
 
+    def runs_exactly_on(self, flags: set[str]) -> bool:
+        return not self.requires_any or bool(flags.intersection(self.requires_any))
+
+
+def target_logits(path: Path, encoder: TextEncoder, texts: list[str], exact_here: bool) -> np.ndarray:
+    """Logits as the variant's own CPUs compute them: the model itself where this CPU does the same integer
+    arithmetic, else its u8 twin (export/onnx.py)."""
+    if not exact_here:
+        path = u8_twin(path, path.with_name(f"{path.stem}-u8twin.onnx"))
+    return onnx_logits(path, encoder, texts)
+
 
 VARIANTS = (VariantSpec("vnni", "model-vnni.onnx", "s8", ("avx512_vnni", "avx_vnni", "amx_int8")),
             VariantSpec("portable", MODEL_FILE, "u8", ()))
@@ -92,43 +105,51 @@ def calibration_feeds(sources: list[str], encoder: TextEncoder) -> list[dict[str
 
 
 def sensitivity(spec: VariantSpec, work: Path, fp32_path: Path, fp32_logits: np.ndarray, encoder: TextEncoder,
-                texts: list[str]) -> list[str]:
+                texts: list[str], exact_here: bool) -> list[str]:
     """Weight MatMuls, most sensitive first: each quantized alone, ranked by the mean squared change
     of the logits on `texts` (in BERT the first layers' feed-forward projections lead by far)."""
     scored = []
     for node in weight_matmuls(fp32_path):
         path = work / f"{spec.name}-alone.onnx"
         quantize_int8(fp32_path, path, spec.weights, only=[node])
-        scored.append((float(((onnx_logits(path, encoder, texts) - fp32_logits) ** 2).mean()), node))
+        scored.append((float(((target_logits(path, encoder, texts, exact_here) - fp32_logits) ** 2).mean()), node))
     return [node for _, node in sorted(scored, reverse=True)]
 
 
 def build_variant(spec: VariantSpec, work: Path, fp32_path: Path, smoothed: dict[float, Path],
-                  fp32_dev: np.ndarray, encoder: TextEncoder, dev_texts: list[str],
-                  min_agreement: float, mixed: tuple[int, ...] = MIXED) -> tuple[Path, dict[str, Any]]:
-    """Every candidate quantized with the variant's weights; the chosen one: the fewest fp32 MatMuls
-    (fastest on any CPU) among those whose dev agreement reaches `min_agreement` (+ headroom), then the best
-    agreement; failing all, the best agreement (the gate then decides)."""
+                  fp32_dev: np.ndarray, encoder: TextEncoder, dev_texts: list[str], min_agreement: float,
+                  calibration: list[dict[str, np.ndarray]], exact_here: bool,
+                  mixed: tuple[int, ...] = MIXED) -> tuple[Path, dict[str, Any]]:
+    """Every candidate quantized with the variant's weights, with dynamic and with static activation ranges;
+    the chosen one, among those whose dev agreement reaches `min_agreement` (+ headroom): static ranges
+    (a served text's label then does not depend on the traffic around it), then the fewest fp32 MatMuls
+    (fastest on any CPU), then the best agreement; failing all, the best agreement (the gate then decides)."""
     plans: list[tuple[str, Path, list[str], dict[str, Any]]] = [("plain", fp32_path, [], {})]
     plans += [(f"smooth{alpha}", path, [], {"smoothing": {"method": "smoothquant", "alpha": alpha}})
               for alpha, path in smoothed.items()]
     step = max(1, len(dev_texts) // SENSITIVITY_TEXTS)  # spread over every source
-    ranked = sensitivity(spec, work, fp32_path, fp32_dev[::step], encoder, dev_texts[::step])
+    ranked = sensitivity(spec, work, fp32_path, fp32_dev[::step], encoder, dev_texts[::step], exact_here)
     plans += [(f"mixed{k}", fp32_path, ranked[:k], {}) for k in mixed if k < len(ranked)]
     results = []
     for label, source, exclude, extra in plans:
         path = work / f"{spec.name}-{label}.onnx"
         record = {**quantize_int8(source, path, spec.weights, exclude=exclude), **extra}
-        dev_agreement = agreement(fp32_dev, onnx_logits(path, encoder, dev_texts))
-        results.append((label, path, record, dev_agreement))
-        print(f"{spec.name} {label}: dev agreement {dev_agreement:.4f}, {path.stat().st_size / 1e6:.1f} MB", flush=True)
+        static_path = work / f"{spec.name}-{label}-static.onnx"
+        static_record = {**record, **fix_activation_ranges(path, static_path, calibration)}
+        for name, built, built_record in ((label, path, record), (f"{label}+static", static_path, static_record)):
+            dev_agreement = agreement(fp32_dev, target_logits(built, encoder, dev_texts, exact_here))
+            results.append((name, built, built_record, dev_agreement))
+            print(f"{spec.name} {name}: dev agreement {dev_agreement:.4f}, {built.stat().st_size / 1e6:.1f} MB",
+                  flush=True)
     passing = [r for r in results if r[3] >= min_agreement + SELECTION_HEADROOM]
     if passing:
-        label, path, record, _ = max(passing, key=lambda r: (-len(r[2]["fp32_nodes"]), r[3]))
+        label, path, record, _ = max(passing, key=lambda r: (r[2]["mode"] == "static-int8",
+                                                             -len(r[2]["fp32_nodes"]), r[3]))
     else:
         label, path, record, _ = max(results, key=lambda r: r[3])
     record["candidate"] = label
     record["dev_agreement"] = {r[0]: round(r[3], 4) for r in results}
+    record["measured"] = "itself" if exact_here else "u8 twin (this CPU has no VNNI)"
     return path, record
 
 
@@ -142,11 +163,7 @@ def run(args: argparse.Namespace) -> int:
     dev = held_out(args.sources, "dev", args.eval_per_source)
     test = held_out(args.sources, "test", args.eval_per_source)
     flags = cpu_flags()
-    specs = [spec for spec in VARIANTS if not spec.requires_any or flags.intersection(spec.requires_any)]
-    for spec in VARIANTS:
-        if spec not in specs:
-            print(f"variant {spec.name} not built: this CPU has none of {', '.join(spec.requires_any)}, "
-                  "so its agreement cannot be measured here", flush=True)
+    exact_here = {spec.name: spec.runs_exactly_on(flags) for spec in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fp32_path = export_fp32(checkpoint, work / "fp32")
@@ -157,9 +174,9 @@ def run(args: argparse.Namespace) -> int:
         for alpha, path in smoothed.items():
             smooth_model(fp32_path, path, feeds, alpha)
         built: list[tuple[VariantSpec, Path, dict[str, Any]]] = []
-        for spec in specs:
+        for spec in VARIANTS:
             path, record = build_variant(spec, work, fp32_path, smoothed, fp32_dev, encoder, dev_texts,
-                                         args.min_agreement, tuple(args.mixed))
+                                         args.min_agreement, feeds, exact_here[spec.name], tuple(args.mixed))
             if args.damage:  # for the gate's own test: a model whose weights were disturbed must fail
                 path = damage_model(path, work / f"{spec.name}-damaged.onnx", args.damage)
             built.append((spec, path, record))
@@ -169,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         sample = [ex.text for ex in test if len(ex.text) < 200][:32] or test_texts[:32]
         variants, failures, test_logits = [], [], {}
         for spec, path, record in built:
-            logits = test_logits[spec.name] = onnx_logits(path, encoder, test_texts)
+            logits = test_logits[spec.name] = target_logits(path, encoder, test_texts, exact_here[spec.name])
             verdict = gate(fp32_test, logits, test, limits)
             failures += [f"{spec.name}: {failure}" for failure in verdict["failures"]]
             table = evaluation_table(logits, test, temperature)
@@ -177,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
                 "name": spec.name, "file": spec.file, "requires_any": list(spec.requires_any), "quantization": record,
                 "evaluation": {"gate": verdict, "accuracy": {s: v["accuracy"] for s, v in table.items()},
                                "macro_f1": {s: v["macro_f1"] for s, v in table.items()},
-                               "latency": {f"batch{b}_ms": latency_ms(path, encoder, sample, b) for b in (1, 32)},
+                               # timed where this CPU runs the variant as its own CPUs do
+                               "latency": {f"batch{b}_ms": latency_ms(path, encoder, sample, b) for b in (1, 32)}
+                               if exact_here[spec.name] else {},
                                "size_mb": round(path.stat().st_size / 1e6, 1)}})
             print(json.dumps({spec.name: variants[-1]["evaluation"]}, indent=2), flush=True)
         portable_test = test_logits[built[-1][0].name]  # the last variant is the portable one (VARIANTS)

@@ -1,5 +1,6 @@
-"""The artefact's int8 variants: which one a CPU gets, what is refused, and that the export's activation
-smoothing changes nothing in fp32 (so every difference left is int8's)."""
+"""The artefact's int8 variants: which one a CPU gets, what is refused; that the export's activation
+smoothing changes nothing in fp32 (so every difference left is int8's), that static activation ranges
+make a text's scores independent of its batch, and that the u8 twin computes an s8 build exactly."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from export.__main__ import SMOOTHING
-from export.onnx import export_fp32
+from export.onnx import export_fp32, quantize_int8, u8_twin
 from export.smooth import smooth_model
+from export.static import fix_activation_ranges
 from service.artifact import MANIFEST_FILE, MODEL_FILE, ArtifactError, cpu_flags, load_artifact, sha256_of
 from service.tokenization import TextEncoder
 from tests.conftest import run_module
@@ -78,21 +82,76 @@ def test_a_broken_variant_list_is_refused_naming_the_problem(two_variants: Path)
         load_artifact(two_variants, flags={"avx512_vnni"})
 
 
-def test_the_export_builds_the_variants_this_cpu_can_check(tiny_model: Path) -> None:
+def test_the_export_builds_every_variant_and_measures_each_as_its_cpus_run_it(tiny_model: Path) -> None:
     artifact = load_artifact(tiny_model)
     variants = {v["name"]: v for v in artifact.manifest.variants}
     has_vnni = bool(cpu_flags().intersection(VNNI_FLAGS))
-    assert list(variants) == (["vnni", "portable"] if has_vnni else ["portable"])
+    assert list(variants) == ["vnni", "portable"]
     assert artifact.variant.name == ("vnni" if has_vnni else "portable")
     assert variants["portable"]["file"] == MODEL_FILE and variants["portable"]["quantization"]["weights"] == "u8"
+    assert variants["vnni"]["quantization"]["weights"] == "s8"
+    assert variants["portable"]["quantization"]["measured"] == "itself"
+    assert variants["vnni"]["quantization"]["measured"] == ("itself" if has_vnni else "u8 twin (this CPU has no VNNI)")
     for variant in variants.values():
         assert sha256_of(tiny_model / variant["file"]) == variant["sha256"]
         quantization = variant["quantization"]
-        # conftest asks for --mixed 1 3: the candidates are the ones asked for, not the defaults
-        assert set(quantization["dev_agreement"]) == {"plain", *(f"smooth{a}" for a in SMOOTHING), "mixed1", "mixed3"}
+        # conftest asks for --mixed 1 3: the candidates are the ones asked for, not the defaults, each twice
+        plans = ["plain", *(f"smooth{a}" for a in SMOOTHING), "mixed1", "mixed3"]
+        assert set(quantization["dev_agreement"]) == {*plans, *(f"{plan}+static" for plan in plans)}
         assert quantization["candidate"] in quantization["dev_agreement"]
+        assert quantization["mode"] == ("static-int8" if quantization["candidate"].endswith("+static")
+                                        else "dynamic-int8")
         assert variant["evaluation"]["gate"]["passed"]
         assert set(variant["evaluation"]["accuracy"]) == {"tweets", "rotten_tomatoes"}
+
+
+def _feeds(encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
+    ids, mask = encoder.pad([encoded.ids for encoded in encoder.encode(texts)])
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _logits(model: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+BATCH = ["The parcel came late and support never answered.", "Lovely!", "ok I guess, price was fine",
+         "Refund took three weeks and two phone calls, never again with this shop."]
+
+
+def test_static_ranges_make_a_texts_scores_independent_of_its_batch(tiny_model: Path, tmp_path: Path) -> None:
+    encoder = TextEncoder(tiny_model / "tokenizer.json", 48, 16)
+    fp32 = export_fp32(tiny_model.parent / "checkpoint", tmp_path / "fp32")
+    dynamic, static = tmp_path / "dynamic.onnx", tmp_path / "static.onnx"
+    quantize_int8(fp32, dynamic, "u8")
+    record = fix_activation_ranges(dynamic, static, [_feeds(encoder, [text]) for text in BATCH[:3]])
+    assert record["mode"] == "static-int8" and record["activation_ranges"]["calibration_texts"] == 3
+    ops = [node.op_type for node in onnx.load(str(static)).graph.node]
+    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" not in ops
+    assert ops.count("MatMulIntegerToFloat") == record["activation_ranges"]["fused_matmuls"] > 0
+    session = ort.InferenceSession(str(static), providers=["CPUExecutionProvider"])
+    batched = session.run(None, _feeds(encoder, BATCH))[0]
+    for row, text in enumerate(BATCH):  # alone: no padding, no neighbours; bit for bit the same scores
+        np.testing.assert_array_equal(session.run(None, _feeds(encoder, [text]))[0][0], batched[row])
+    # the same int8 weights with dynamic ranges: close, not equal (another activation scale)
+    np.testing.assert_allclose(batched, _logits(dynamic, _feeds(encoder, BATCH)), atol=0.25)
+
+
+def test_the_u8_twin_computes_an_s8_build_exactly(tiny_model: Path, tmp_path: Path) -> None:
+    encoder = TextEncoder(tiny_model / "tokenizer.json", 48, 16)
+    s8 = tmp_path / "s8.onnx"
+    quantize_int8(export_fp32(tiny_model.parent / "checkpoint", tmp_path / "fp32"), s8, "s8")
+    # 7-bit weights: no CPU's 16-bit pair sums can saturate, so every CPU runs this s8 build exactly
+    model = onnx.load(str(s8))
+    weights = {node.input[1] for node in model.graph.node if node.op_type == "MatMulInteger"}
+    for init in model.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(np.clip(numpy_helper.to_array(init), -63, 63), init.name))
+    onnx.save(model, str(s8))
+    twin = u8_twin(s8, tmp_path / "twin.onnx")
+    kinds = {init.data_type for init in onnx.load(str(twin)).graph.initializer if init.name in weights}
+    assert kinds == {onnx.TensorProto.UINT8}
+    feeds = _feeds(encoder, BATCH)
+    np.testing.assert_array_equal(_logits(twin, feeds), _logits(s8, feeds))
 
 
 def test_smoothing_changes_nothing_in_fp32(tiny_model: Path, tmp_path: Path) -> None:
