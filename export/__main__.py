@@ -32,7 +32,7 @@ from export.gate import GateLimits, agreement, evaluation_table, gate, onnx_logi
 from export.onnx import copy_tokenizer, export_fp32, quantize_int8, u8_twin, weight_matmuls
 from export.smooth import smooth_model
 from export.static import fix_activation_ranges
-from service.artifact import LABELS, MODEL_FILE, Manifest, cpu_flags, sha256_of, write_manifest
+from service.artifact import LABELS, MODEL_FILE, Manifest, cpu_flags, runs_exactly, sha256_of, write_manifest
 from service.tokenization import TextEncoder
 
 
@@ -69,9 +69,6 @@ class VariantSpec:
     file: str
     weights: str  # u8: exact on every CPU; s8: exact (and twice as fast) with VNNI or AMX
     requires_any: tuple[str, ...]
-
-    def runs_exactly_on(self, flags: set[str]) -> bool:
-        return not self.requires_any or bool(flags.intersection(self.requires_any))
 
 
 def target_logits(path: Path, encoder: TextEncoder, texts: list[str], exact_here: bool) -> np.ndarray:
@@ -163,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     dev = held_out(args.sources, "dev", args.eval_per_source)
     test = held_out(args.sources, "test", args.eval_per_source)
     flags = cpu_flags()
-    exact_here = {spec.name: spec.runs_exactly_on(flags) for spec in VARIANTS}
+    exact_here = {spec.name: runs_exactly(spec.requires_any, flags) for spec in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fp32_path = export_fp32(checkpoint, work / "fp32")

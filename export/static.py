@@ -33,7 +33,7 @@ def fix_activation_ranges(int8_path: Path, out_path: Path, calibration: Sequence
     model = onnx.load(str(int8_path))
     graph = model.graph
     quantizers = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
-    ranges = _calibrated_ranges(int8_path, [n.input[0] for n in quantizers], calibration)
+    ranges = _calibrated_ranges(model, [n.input[0] for n in quantizers], calibration)
     for node in quantizers:
         low, high = (headroom * bound for bound in ranges[node.input[0]])
         scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
@@ -51,12 +51,13 @@ def fix_activation_ranges(int8_path: Path, out_path: Path, calibration: Sequence
         "fused_matmuls": fused}}
 
 
-def _calibrated_ranges(model_path: Path, tensors: list[str], calibration: Sequence[dict[str, np.ndarray]],
+def _calibrated_ranges(model: onnx.ModelProto, tensors: list[str], calibration: Sequence[dict[str, np.ndarray]],
                        ) -> dict[str, tuple[float, float]]:
     """(min, max) of each tensor over the calibration feeds, always including 0 (as dynamic int8 does)."""
-    model = onnx.load(str(model_path))
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     low: dict[str, float] = defaultdict(float)
     high: dict[str, float] = defaultdict(float)
     for feeds in calibration:

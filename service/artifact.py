@@ -55,6 +55,11 @@ class Manifest:
         return data
 
 
+def runs_exactly(requires_any: tuple[str, ...], flags: set[str]) -> bool:
+    """A build needing any one of `requires_any` (none: every CPU) gives its own answers on a CPU with `flags`."""
+    return not requires_any or bool(flags.intersection(requires_any))
+
+
 @dataclass(frozen=True)
 class Variant:
     """One int8 build of the model: its file, hash, and the CPU flags it needs (any one of them; none:
@@ -68,7 +73,7 @@ class Variant:
     evaluation: dict[str, Any] = field(default_factory=dict)
 
     def runs_on(self, flags: set[str]) -> bool:
-        return not self.requires_any or bool(flags.intersection(self.requires_any))
+        return runs_exactly(self.requires_any, flags)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "requires_any": list(self.requires_any)}

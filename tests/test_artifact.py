@@ -158,10 +158,7 @@ def test_smoothing_changes_nothing_in_fp32(tiny_model: Path, tmp_path: Path) -> 
     fp32 = export_fp32(tiny_model.parent / "checkpoint", tmp_path / "fp32")
     encoder = TextEncoder(tiny_model / "tokenizer.json", 48, 16)
     texts = ["The parcel came late and support never answered.", "Lovely!", "ok I guess, price was fine"]
-    feeds = []
-    for encoded in encoder.encode(texts):
-        ids, mask = encoder.pad([encoded.ids])
-        feeds.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+    feeds = [_feeds(encoder, [text]) for text in texts]
     record = smooth_model(fp32, tmp_path / "smoothed.onnx", feeds[:2], alpha=0.8)
     assert record["activations"] > 0
     before = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
