@@ -132,3 +132,15 @@ def test_the_overload_bench_counts_answers_and_refusals_for_both_kinds_of_client
         assert row, out
         served, answered, _, refused, _ = map(int, row.groups())
         assert answered > 0 and refused > 0 and served == pytest.approx(answered * 5, abs=5)
+
+
+def test_the_builds_bench_times_each_build_against_the_first(tiny_model, tmp_path) -> None:
+    second = tmp_path / "second.onnx"
+    second.write_bytes((tiny_model / "model.onnx").read_bytes())
+    out = run_module("bench.builds", str(tiny_model / "model.onnx"), str(second), "--rounds", "1",
+                     timeout=300).stdout
+    cell = r"\s+batch \d+:\s+[\d.]+ ms \(([\d.]+)x\)"
+    rows = {m[1]: m.groups()[1:] for m in re.finditer(rf"^(\S+){cell}{cell}{cell}$", out, re.M)}
+    assert set(rows) == {str(tiny_model / "model.onnx"), str(second)}, out
+    assert rows[str(tiny_model / "model.onnx")] == ("1.00", "1.00", "1.00"), out
+    assert all(float(ratio) > 0 for ratio in rows[str(second)]), out
