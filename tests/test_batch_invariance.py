@@ -45,6 +45,11 @@ def test_a_texts_scores_do_not_depend_on_what_it_is_batched_with(default_service
 
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(post, requests))
+    # The int8 products are exact on every CPU; the float parts (softmax over a padded row, layer norm) run
+    # in other kernels elsewhere and may round a last digit differently. Measured here: equal to the digit.
+    # Dynamic ranges moved scores by up to 0.05 and 0.58% of dev labels.
     for texts, results in zip(requests, answers, strict=True):
         for text, got in zip(texts, results, strict=True):
-            assert got["scores"] == alone[text]["scores"] and got["label"] == alone[text]["label"], text
+            assert got["label"] == alone[text]["label"], (text, got, alone[text])
+            for label, score in alone[text]["scores"].items():
+                assert abs(got["scores"][label] - score) <= 1e-5, (text, got, alone[text])
