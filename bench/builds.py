@@ -30,12 +30,6 @@ from service.tokenization import TextEncoder
 SHAPES = {1: 60, 8: 12, 32: 4}  # texts per call: calls per round
 
 
-def feeds(encoder: TextEncoder, texts: int, inputs: set[str]) -> dict[str, np.ndarray]:
-    ids, mask = encoder.pad([enc.ids for enc in encoder.encode((MESSAGES * 3)[:texts])])
-    named = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {name: array for name, array in named.items() if name in inputs}
-
-
 def median_call_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], calls: int) -> float:
     session.run(None, feed)
     times = []
@@ -51,7 +45,8 @@ def compare(builds: list[Path], threads: int, rounds: int) -> dict[Path, dict[in
     encoder = TextEncoder(DEFAULT_MODEL_DIR / "tokenizer.json", 256, 64)
     sessions = {build: ort.InferenceSession(str(build), session_options(threads),
                                             providers=["CPUExecutionProvider"]) for build in builds}
-    shaped = {build: {n: feeds(encoder, n, {i.name for i in session.get_inputs()}) for n in SHAPES}
+    shaped = {build: {n: encoder.feeds([enc.ids for enc in encoder.encode((MESSAGES * 3)[:n])],
+                                       {i.name for i in session.get_inputs()}) for n in SHAPES}
               for build, session in sessions.items()}
     times: dict[Path, dict[int, list[float]]] = {build: {n: [] for n in SHAPES} for build in builds}
     for _ in range(rounds):

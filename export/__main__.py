@@ -50,10 +50,8 @@ def latency_ms(model: Path, encoder: TextEncoder, texts: list[str], batch: int, 
     from service.runner import session_options
 
     session = ort.InferenceSession(str(model), session_options(0), providers=["CPUExecutionProvider"])
-    input_ids, mask = encoder.pad([e.ids for e in encoder.encode((texts * batch)[:batch])])
-    feeds = {"input_ids": input_ids, "attention_mask": mask}
-    if any(i.name == "token_type_ids" for i in session.get_inputs()):
-        feeds["token_type_ids"] = np.zeros_like(input_ids)
+    feeds = encoder.feeds([e.ids for e in encoder.encode((texts * batch)[:batch])],
+                          {i.name for i in session.get_inputs()})
     session.run(None, feeds)
     times = []
     for _ in range(rounds):
@@ -94,11 +92,7 @@ CALIBRATION_PER_SOURCE = 64  # train-split texts whose activation peaks set the 
 
 def calibration_feeds(sources: list[str], encoder: TextEncoder) -> list[dict[str, np.ndarray]]:
     texts = [ex.text for ex in held_out(sources, "train", CALIBRATION_PER_SOURCE)]
-    feeds = []
-    for encoded in encoder.encode(texts):
-        input_ids, mask = encoder.pad([encoded.ids])
-        feeds.append({"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)})
-    return feeds
+    return [encoder.feeds([encoded.ids], {"token_type_ids"}) for encoded in encoder.encode(texts)]
 
 
 def sensitivity(spec: VariantSpec, work: Path, fp32_path: Path, fp32_logits: np.ndarray, encoder: TextEncoder,

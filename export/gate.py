@@ -25,17 +25,13 @@ class GateLimits:
 def onnx_logits(model_path: Path, encoder: TextEncoder, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """Logits for every text, batched by length (the order of `texts` is kept)."""
     session = ort.InferenceSession(str(model_path), session_options(0), providers=["CPUExecutionProvider"])
-    needs_types = any(i.name == "token_type_ids" for i in session.get_inputs())
+    inputs = {i.name for i in session.get_inputs()}
     encoded = encoder.encode(texts)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i].ids))
     out = np.zeros((len(texts), 3), np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        input_ids, mask = encoder.pad([encoded[i].ids for i in idx])
-        feeds = {"input_ids": input_ids, "attention_mask": mask}
-        if needs_types:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        out[idx] = session.run(None, feeds)[0]
+        out[idx] = session.run(None, encoder.feeds([encoded[i].ids for i in idx], inputs))[0]
     return out
 
 

@@ -128,11 +128,7 @@ class SentenceEncoder:
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
     def _embed_one(self, ids: list[int]) -> np.ndarray:
-        input_ids = np.array([ids], dtype=np.int64)
-        feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
-        if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        pooled = self.session.run(None, feeds)[0][0].mean(axis=0)
+        pooled = self.session.run(None, self.tokens.feeds([ids], self._inputs))[0][0].mean(axis=0)
         return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
 
 

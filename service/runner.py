@@ -76,11 +76,7 @@ class ModelRunner:
         return self.encoder.encode(texts)
 
     def logits(self, sequences: Sequence[list[int]]) -> np.ndarray:
-        input_ids, mask = self.encoder.pad(sequences)
-        feeds = {"input_ids": input_ids, "attention_mask": mask}
-        if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        return self.session.run(None, feeds)[0]
+        return self.session.run(None, self.encoder.feeds(sequences, self._inputs))[0]
 
     def probabilities(self, sequences: Sequence[list[int]]) -> np.ndarray:
         logits = self.logits(sequences).astype(np.float64) / self._temperature

@@ -6,7 +6,7 @@ truncation: reviews state their verdict at the end) and is flagged as truncated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +64,12 @@ class TextEncoder:
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
         return input_ids, mask
+
+    def feeds(self, sequences: Sequence[list[int]], inputs: Collection[str]) -> dict[str, np.ndarray]:
+        """ONNX Runtime feeds for `sequences`, padded; token_type_ids (zeros) only where the model's `inputs`
+        name them (BERT exports take them, others do not)."""
+        input_ids, mask = self.pad(sequences)
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in inputs:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        return feeds

@@ -106,8 +106,7 @@ def test_the_export_builds_every_variant_and_measures_each_as_its_cpus_run_it(ti
 
 
 def _feeds(encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
-    ids, mask = encoder.pad([encoded.ids for encoded in encoder.encode(texts)])
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return encoder.feeds([encoded.ids for encoded in encoder.encode(texts)], {"token_type_ids"})
 
 
 def _logits(model: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
