@@ -11,7 +11,8 @@ a bare asyncio client.
 
 The machine is shared and noisy: read the ratios, not a lone absolute time. Servers differ between starts
 too (the same settings, two processes: up to 9% apart at 64 clients on an AVX2 Zen 3); for an A/B closer
-than that, `--restart` starts each row's server afresh for every round.
+than that, `--restart` starts each row's server afresh for every round. Ray Serve, busy even when idle,
+is up only while its own row is measured (ALONE).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.launch import percentile, start_service, wait_ready  # noqa: E402
 from loadtests.messages import MESSAGES  # noqa: E402
-from service.artifact import MANIFEST_FILE, cpu_flags, load_artifact, variants_of  # noqa: E402
+from service.artifact import MANIFEST_FILE, cpu_flags, cpu_model, load_artifact, variants_of  # noqa: E402
 from service.layout import TOKEN_BUDGETS, available_cores, candidate_shapes, pack, throughput  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
@@ -201,6 +202,13 @@ PEERS = ["plain", "pipeline", "ray"]
 RAY_PYTHON = ROOT / ".cache" / "ray-venv" / "bin" / "python"  # make ray-venv
 
 
+# Servers that busy the CPU while idle, so they run only for their own row: an idle Ray Serve (its GCS,
+# raylet and dashboard) took 0.08 of the 2 cores on a Zen 4, and with it up all the time every other row
+# and the limit measured 4-8% less (the service 836 against 921 texts/s at 64 clients, the limit 1023
+# against 1080). The plain and pipeline servers take under 0.01 idle.
+ALONE = {"peer/ray"}
+
+
 def start_peer(kind: str, model: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = ([str(RAY_PYTHON), "bench/ray_peer.py"] if kind == "ray" else [sys.executable, "-m", "bench.peers", kind])
@@ -212,12 +220,8 @@ def start_peer(kind: str, model: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def cpu_header() -> str:
-    """The CPU model and the vector extensions that matter for int8 inference."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return f"{model}, {os.cpu_count()} cores visible, {' '.join(f for f in wanted if f in flags)}"
+    """The CPU model, the cores this process sees and the vector extensions that matter for int8 inference."""
+    return f"{cpu_model()}; {os.cpu_count()} cores visible"
 
 
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -280,7 +284,8 @@ def main() -> None:
     try:
         if not args.restart:
             for key in starters:
-                started(key)
+                if key not in ALONE:
+                    started(key)
         served_artifact = load_artifact(args.model)  # the build the servers load on this CPU
         runnable = [v.name for v in variants_of(served_artifact.manifest, args.model / MANIFEST_FILE)
                     if v.runs_on(cpu_flags())]
@@ -293,7 +298,7 @@ def main() -> None:
                 figures = served.setdefault(row, {f"c{c}": [] for c in args.clients})
                 for clients in args.clients:
                     figures[f"c{clients}"].append(run_load(url, clients, args.seconds, extra))
-                if args.restart:
+                if args.restart or key in ALONE:
                     stop(key)
     finally:
         for key in list(services):
@@ -303,7 +308,8 @@ def main() -> None:
                                           for key, figures in served.items()}}
     print(json.dumps(results, indent=2, default=lambda v: round(v, 2)))
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_header()}; load from {args.loader}")
-    fresh = ", every server started afresh for each" if args.restart else ""
+    fresh = (", every server started afresh for each" if args.restart
+             else f"; {', '.join(sorted(ALONE.intersection(starters))) or 'no server'} up only for its own row")
     print(f"medians of {args.rounds} interleaved rounds{fresh}; in-process ORT per int8 variant this CPU runs:")
     for name in runnable:
         shape = max((k for k in measured if k.startswith(f"{name}/") and " t" in k), key=measured.__getitem__)

@@ -29,10 +29,20 @@ import numpy as np
 from distill.data import LOADERS, Example, load_all, sample
 from distill.metrics import fit_temperature
 from export.gate import GateLimits, agreement, evaluation_table, gate, onnx_logits
+from export.latency import latency_ms, latency_sample, variant_latency
 from export.onnx import copy_tokenizer, export_fp32, quantize_int8, u8_twin, weight_matmuls
 from export.smooth import smooth_model
 from export.static import fix_activation_ranges
-from service.artifact import LABELS, MODEL_FILE, Manifest, cpu_flags, runs_exactly, sha256_of, write_manifest
+from service.artifact import (
+    INT8_FLAGS,
+    LABELS,
+    MODEL_FILE,
+    Manifest,
+    cpu_flags,
+    runs_exactly,
+    sha256_of,
+    write_manifest,
+)
 from service.tokenization import TextEncoder
 
 
@@ -41,24 +51,6 @@ def held_out(sources: list[str], split: str, per_source: int | None) -> list[Exa
     if per_source is None:
         return [ex for ex in examples if ex.split == split]
     return sample(examples, split, per_source)
-
-
-def latency_ms(model: Path, encoder: TextEncoder, texts: list[str], batch: int, rounds: int = 20) -> float:
-    """Median wall time of one batch (same texts every round), in milliseconds."""
-    import onnxruntime as ort
-
-    from service.runner import session_options
-
-    session = ort.InferenceSession(str(model), session_options(0), providers=["CPUExecutionProvider"])
-    feeds = encoder.feeds([e.ids for e in encoder.encode((texts * batch)[:batch])],
-                          {i.name for i in session.get_inputs()})
-    session.run(None, feeds)
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - started) * 1000)
-    return round(float(np.median(times)), 2)
 
 
 @dataclass(frozen=True)
@@ -174,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         portable_path = built[-1][1]
         temperature = fit_temperature(onnx_logits(portable_path, encoder, dev_texts), [ex.label for ex in dev])
         limits = GateLimits(args.min_agreement, args.max_accuracy_drop)
-        sample = [ex.text for ex in test if len(ex.text) < 200][:32] or test_texts[:32]
+        timing_texts = latency_sample(test_texts)
         variants, failures, test_logits = [], [], {}
         for spec, path, record in built:
             logits = test_logits[spec.name] = target_logits(path, encoder, test_texts, exact_here[spec.name])
@@ -186,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
                 "evaluation": {"gate": verdict, "accuracy": {s: v["accuracy"] for s, v in table.items()},
                                "macro_f1": {s: v["macro_f1"] for s, v in table.items()},
                                # timed where this CPU runs the variant as its own CPUs do
-                               "latency": {f"batch{b}_ms": latency_ms(path, encoder, sample, b) for b in (1, 32)}
-                               if exact_here[spec.name] else {},
+                               "latency": variant_latency(path, encoder, timing_texts) if exact_here[spec.name]
+                               else {},
                                "size_mb": round(path.stat().st_size / 1e6, 1)}})
             print(json.dumps({spec.name: variants[-1]["evaluation"]}, indent=2), flush=True)
         portable_test = test_logits[built[-1][0].name]  # the last variant is the portable one (VARIANTS)
@@ -198,8 +190,8 @@ def run(args: argparse.Namespace) -> int:
             "fp32": {s: {k: v[k] for k in ("accuracy", "macro_f1")}
                      for s, v in evaluation_table(fp32_test, test, 1.0).items()},
             "gate": variants[-1]["evaluation"]["gate"],
-            "latency": {"batch1_fp32_ms": latency_ms(fp32_path, encoder, sample, 1),
-                        "batch32_fp32_ms": latency_ms(fp32_path, encoder, sample, 32)},
+            "latency": {"batch1_fp32_ms": latency_ms(fp32_path, encoder, timing_texts, 1),
+                        "batch32_fp32_ms": latency_ms(fp32_path, encoder, timing_texts, 32)},
             "sizes_mb": {"fp32": round(fp32_path.stat().st_size / 1e6, 1)},
         }
         if failures:
@@ -219,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         provenance={"checkpoint": str(checkpoint), "training": {k: training.get(k) for k in (
             "config", "steps", "train_seconds", "train_examples_by_source", "teacher_labelled", "provenance")},
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "exported_on": sorted(flags.intersection({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}))},
+            "exported_on": sorted(flags.intersection(INT8_FLAGS))},
         evaluation={**evaluation, "dev_training": training.get("dev")}, variants=tuple(variants),
     )
     write_manifest(out, manifest)

@@ -103,6 +103,21 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # the ones that decide int8 speed
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its INT8_FLAGS ("AMD EPYC, avx2 avx512f avx512_vnni"): what a measured
+    latency is worth only beside."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
+    flags = cpu_flags()
+    return f"{name}, {' '.join(flag for flag in INT8_FLAGS if flag in flags) or 'no AVX2'}"
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux names them (avx2, avx512_vnni, avx_vnni, amx_int8 …); empty
     where /proc/cpuinfo cannot be read, which leaves only variants that need no flag."""

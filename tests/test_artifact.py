@@ -15,10 +15,19 @@ import pytest
 from onnx import numpy_helper
 
 from export.__main__ import SMOOTHING
+from export.latency import fill_latencies
 from export.onnx import export_fp32, quantize_int8, u8_twin
 from export.smooth import smooth_model
 from export.static import fix_activation_ranges
-from service.artifact import MANIFEST_FILE, MODEL_FILE, ArtifactError, cpu_flags, load_artifact, sha256_of
+from service.artifact import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ArtifactError,
+    cpu_flags,
+    cpu_model,
+    load_artifact,
+    sha256_of,
+)
 from service.tokenization import TextEncoder
 from tests.conftest import run_module
 
@@ -103,6 +112,32 @@ def test_the_export_builds_every_variant_and_measures_each_as_its_cpus_run_it(ti
                                         else "dynamic-int8")
         assert variant["evaluation"]["gate"]["passed"]
         assert set(variant["evaluation"]["accuracy"]) == {"tweets", "rotten_tomatoes"}
+    assert variants["portable"]["evaluation"]["latency"]["measured_on"] == cpu_model()
+    assert bool(variants["vnni"]["evaluation"]["latency"]) == has_vnni  # timed only where it runs as its CPUs do
+
+
+def test_latency_is_filled_in_for_the_builds_this_cpu_runs_exactly(tiny_model: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model, directory)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for variant in manifest["variants"]:
+        variant["evaluation"]["latency"] = {}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    texts = ["Lovely!", "The parcel came late and support never answered."]
+
+    def latencies() -> dict[str, dict]:
+        return {v["name"]: v["evaluation"]["latency"]
+                for v in json.loads((directory / MANIFEST_FILE).read_text())["variants"]}
+
+    assert fill_latencies(directory, texts, flags={"avx2"}) == ["portable"]  # s8 on AVX2 alone is not exact
+    assert latencies()["vnni"] == {}
+    first = latencies()["portable"]
+    assert first["measured_on"] == cpu_model() and first["batch1_ms"] > 0 and first["batch32_ms"] > 0
+    assert fill_latencies(directory, texts, flags={"avx2", "avx512_vnni"}) == ["vnni"]  # figures there are kept
+    assert latencies()["portable"] == first and latencies()["vnni"]["batch32_ms"] > 0
+    assert fill_latencies(directory, texts, force=True, flags={"avx2"}) == ["portable"]
+    assert load_artifact(directory, flags={"avx2"}).manifest.variants == tuple(
+        json.loads((directory / MANIFEST_FILE).read_text())["variants"])  # still a valid artefact, hashes intact
 
 
 def _feeds(encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
