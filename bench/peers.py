@@ -33,7 +33,7 @@ def plain_ort(model_dir: Path) -> Any:
     from service.artifact import load_artifact
 
     # The same int8 variant the service serves on this CPU, so the rows differ in serving only.
-    session = ort.InferenceSession(str(load_artifact(model_dir).model_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(load_artifact(model_dir).model_source(), providers=["CPUExecutionProvider"])
     needs_types = "token_type_ids" in {i.name for i in session.get_inputs()}
     labels = manifest["labels"]
 

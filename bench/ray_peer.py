@@ -35,7 +35,7 @@ def deployment(model_dir: Path, batch: int, wait_ms: float) -> Any:
             self.tokenizer = Tokenizer.from_file(str(artifact.tokenizer_path))
             self.tokenizer.enable_truncation(artifact.manifest.max_tokens)
             self.tokenizer.enable_padding()
-            self.session = ort.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(artifact.model_source(), providers=["CPUExecutionProvider"])
 
         @serve.batch(max_batch_size=batch, batch_wait_timeout_s=wait_ms / 1000)
         async def classify(self, texts: list[str]) -> list[dict[str, Any]]:

@@ -22,9 +22,11 @@ class GateLimits:
     max_accuracy_drop: float = 0.005
 
 
-def onnx_logits(model_path: Path, encoder: TextEncoder, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Logits for every text, batched by length (the order of `texts` is kept)."""
-    session = ort.InferenceSession(str(model_path), session_options(0), providers=["CPUExecutionProvider"])
+def onnx_logits(model: Path | bytes, encoder: TextEncoder, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Logits for every text, batched by length (the order of `texts` is kept); `model`: a file, or a
+    model's bytes (Artifact.model_source)."""
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, session_options(0), providers=["CPUExecutionProvider"])
     inputs = {i.name for i in session.get_inputs()}
     encoded = encoder.encode(texts)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i].ids))

@@ -48,24 +48,3 @@ def quantize_int8(fp32_path: Path, out_path: Path, weights: str, per_channel: bo
 
 def copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:
     shutil.copy(checkpoint / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
-
-
-def u8_twin(model_path: Path, out_path: Path) -> Path:
-    """The same model with its s8 weights as u8 (weight + 128, zero point + 128: every weight minus its zero
-    point is unchanged). u8 x u8 products are exact on every CPU, while a CPU without VNNI sums s8 products
-    in 16 bits that can saturate (README, Model variants): so the twin gives, on any CPU, the outputs the
-    s8 build gives where it is meant to run, and the export measures an s8 build anywhere."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path))
-    weight_inputs = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 5)}
-    names = {node.input[i] for node in model.graph.node for i in weight_inputs.get(node.op_type, ())
-             if i < len(node.input) and node.input[i]}
-    for init in model.graph.initializer:
-        if init.name in names and init.data_type == onnx.TensorProto.INT8:
-            shifted = numpy_helper.to_array(init).astype(np.int16) + 128
-            init.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), init.name))
-    onnx.save(model, str(out_path))
-    return out_path

@@ -71,6 +71,8 @@ class Variant:
     requires_any: tuple[str, ...] = ()
     quantization: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # "s8": the file's u8 MatMul weights are loaded as s8 (service/weights.py); "": as stored.
+    load_weights_as: str = ""
 
     def runs_on(self, flags: set[str]) -> bool:
         return runs_exactly(self.requires_any, flags)
@@ -89,6 +91,14 @@ class Artifact:
     @property
     def model_path(self) -> Path:
         return self.directory / self.variant.file
+
+    def model_source(self) -> str | bytes:
+        """What ort.InferenceSession loads for this variant: the file's path, or its bytes re-encoded."""
+        if self.variant.load_weights_as == "s8":
+            from service.weights import s8_weights
+
+            return s8_weights(self.model_path, self.variant.sha256)
+        return str(self.model_path)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -177,11 +187,15 @@ def variants_of(manifest: Manifest, path: Path) -> list[Variant]:
         try:
             variant = Variant(name=raw["name"], file=raw["file"], sha256=raw["sha256"],
                               requires_any=tuple(raw.get("requires_any", ())),
-                              quantization=raw.get("quantization", {}), evaluation=raw.get("evaluation", {}))
+                              quantization=raw.get("quantization", {}), evaluation=raw.get("evaluation", {}),
+                              load_weights_as=raw.get("load_weights_as", ""))
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"{path}: variants[{index}] is missing or has a bad field ({exc})") from None
         if Path(variant.file).name != variant.file:
             raise ArtifactError(f"{path}: variants[{index}].file must be a file name in the model directory")
+        if variant.load_weights_as not in ("", "s8"):
+            raise ArtifactError(f"{path}: variants[{index}].load_weights_as must be \"s8\" or absent, "
+                                f"got {variant.load_weights_as!r}")
         out.append(variant)
     if out[-1].requires_any:
         raise ArtifactError(f"{path}: the last variant must need no CPU flag, so that every CPU has one")

@@ -67,7 +67,7 @@ class ModelRunner:
         self.manifest = manifest
         self.labels = manifest.labels
         self.encoder = TextEncoder(artifact.tokenizer_path, manifest.max_tokens, manifest.head_tokens)
-        self.session = ort.InferenceSession(str(artifact.model_path), session_options(threads, spin),
+        self.session = ort.InferenceSession(artifact.model_source(), session_options(threads, spin),
                                             providers=["CPUExecutionProvider"])
         self._inputs = {item.name for item in self.session.get_inputs()}
         self._temperature = manifest.temperature
