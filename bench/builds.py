@@ -23,7 +23,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.messages import MESSAGES
-from service.runner import session_options
+from service.runner import cpu_session
 from service.settings import DEFAULT_MODEL_DIR
 from service.tokenization import TextEncoder
 
@@ -43,8 +43,7 @@ def median_call_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], c
 def compare(builds: list[Path], threads: int, rounds: int) -> dict[Path, dict[int, float]]:
     """Per build and batch size, the median over rounds of each round's median call time (ms)."""
     encoder = TextEncoder(DEFAULT_MODEL_DIR / "tokenizer.json", 256, 64)
-    sessions = {build: ort.InferenceSession(str(build), session_options(threads),
-                                            providers=["CPUExecutionProvider"]) for build in builds}
+    sessions = {build: cpu_session(build, threads) for build in builds}
     shaped = {build: {n: encoder.feeds([enc.ids for enc in encoder.encode((MESSAGES * 3)[:n])],
                                        {i.name for i in session.get_inputs()}) for n in SHAPES}
               for build, session in sessions.items()}

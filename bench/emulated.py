@@ -46,8 +46,7 @@ def variant_logits(model_dir: Path, name: str, texts: list[str]) -> np.ndarray:
     artifact = load_artifact(model_dir, False, name, flags=every_flag)
     manifest = artifact.manifest
     encoder = TextEncoder(artifact.tokenizer_path, manifest.max_tokens, manifest.head_tokens)
-    source = artifact.model_source()
-    return onnx_logits(source if isinstance(source, bytes) else Path(source), encoder, texts, batch_size=16)
+    return onnx_logits(artifact.model_source(), encoder, texts, batch_size=16)
 
 
 def emulated_logits(cpu: str, model_dir: Path, name: str, texts_file: Path, work: Path) -> np.ndarray:

@@ -44,7 +44,7 @@ from service.artifact import (
     write_manifest,
 )
 from service.tokenization import TextEncoder
-from service.weights import s8_weights
+from service.weights import S8_FLAGS, s8_weights
 
 
 def held_out(sources: list[str], split: str, per_source: int | None) -> list[Example]:
@@ -54,8 +54,6 @@ def held_out(sources: list[str], split: str, per_source: int | None) -> list[Exa
     return sample(examples, split, per_source)
 
 
-# The CPUs that get the int8 build's weights as s8 at load time (service/weights.py): the same outputs, faster.
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 SMOOTHING = (0.5, 0.8)  # alphas tried; 0 would be no smoothing, 1 all of an activation's range moved
 # How many of the most int8-sensitive MatMuls the mixed-precision candidates keep in fp32 (--mixed). More
 # buys little: on model 2.0.0 even 24 of 36 in fp32 gave 99.48% test agreement, at 2.2x the all-int8 time.
@@ -157,10 +155,10 @@ def run(args: argparse.Namespace) -> int:
                     "evaluation": {**measured, "latency": variant_latency(path, encoder, timing_texts)}}
         # The same file with its weights as s8 where the CPU multiplies those exactly: the same logits, so
         # the same figures; checked, and timed, where this CPU is such a CPU.
-        vnni = {"name": "vnni", "file": MODEL_FILE, "sha256": sha256, "requires_any": list(VNNI_FLAGS),
+        vnni = {"name": "vnni", "file": MODEL_FILE, "sha256": sha256, "requires_any": list(S8_FLAGS),
                 "load_weights_as": "s8", "quantization": {**record, "weights": "s8 (model.onnx's u8, shifted at load)"},
                 "evaluation": {**measured, "latency": {}}}
-        if runs_exactly(VNNI_FLAGS, flags):
+        if runs_exactly(S8_FLAGS, flags):
             s8 = s8_weights(path, sha256)
             if not np.array_equal(onnx_logits(s8, encoder, test_texts), test_logits):
                 failures.append("vnni: the s8 weights changed the logits on this CPU")

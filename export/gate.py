@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from distill.data import Example
 from distill.metrics import evaluate_by_source, softmax
-from service.runner import session_options
+from service.runner import cpu_session
 from service.tokenization import TextEncoder
 
 
@@ -22,11 +21,11 @@ class GateLimits:
     max_accuracy_drop: float = 0.005
 
 
-def onnx_logits(model: Path | bytes, encoder: TextEncoder, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+def onnx_logits(model: Path | str | bytes, encoder: TextEncoder, texts: Sequence[str],
+                batch_size: int = 32) -> np.ndarray:
     """Logits for every text, batched by length (the order of `texts` is kept); `model`: a file, or a
     model's bytes (Artifact.model_source)."""
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, session_options(0), providers=["CPUExecutionProvider"])
+    session = cpu_session(model)
     inputs = {i.name for i in session.get_inputs()}
     encoded = encoder.encode(texts)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i].ids))

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from service.artifact import MANIFEST_FILE, TOKENIZER_FILE, cpu_flags, cpu_model, runs_exactly
+from service.artifact import MANIFEST_FILE, TOKENIZER_FILE, cpu_flags, cpu_model, load_artifact, runs_exactly
+from service.runner import cpu_session
 from service.settings import DEFAULT_MODEL_DIR
 from service.tokenization import TextEncoder
-from service.weights import s8_weights
 
 BATCHES = (1, 32)
 SAMPLE_TEXTS = 32  # the first test texts under 200 characters: short messages, as served
@@ -32,15 +32,11 @@ def latency_sample(texts: list[str]) -> list[str]:
     return [text for text in texts if len(text) < 200][:SAMPLE_TEXTS] or texts[:SAMPLE_TEXTS]
 
 
-def latency_ms(model: Path | bytes, encoder: TextEncoder, texts: list[str], batch: int, rounds: int = 20) -> float:
+def latency_ms(model: Path | str | bytes, encoder: TextEncoder, texts: list[str], batch: int,
+               rounds: int = 20) -> float:
     """Median wall time of one batch (same texts every round, every core), in milliseconds; `model`: a file,
     or a model's bytes (Artifact.model_source)."""
-    import onnxruntime as ort
-
-    from service.runner import session_options
-
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, session_options(0), providers=["CPUExecutionProvider"])
+    session = cpu_session(model)
     feeds = encoder.feeds([e.ids for e in encoder.encode((texts * batch)[:batch])],
                           {i.name for i in session.get_inputs()})
     session.run(None, feeds)
@@ -52,7 +48,7 @@ def latency_ms(model: Path | bytes, encoder: TextEncoder, texts: list[str], batc
     return round(float(np.median(times)), 2)
 
 
-def variant_latency(model: Path | bytes, encoder: TextEncoder, texts: list[str]) -> dict[str, Any]:
+def variant_latency(model: Path | str | bytes, encoder: TextEncoder, texts: list[str]) -> dict[str, Any]:
     return {**{f"batch{b}_ms": latency_ms(model, encoder, texts, b) for b in BATCHES}, "measured_on": cpu_model()}
 
 
@@ -68,8 +64,7 @@ def fill_latencies(directory: Path, texts: list[str], force: bool = False,
     for variant in raw.get("variants", []):
         evaluation = variant.setdefault("evaluation", {})
         if runs_exactly(tuple(variant.get("requires_any", ())), flags) and (force or not evaluation.get("latency")):
-            model = directory / variant["file"]
-            source = s8_weights(model, variant["sha256"]) if variant.get("load_weights_as") == "s8" else model
+            source = load_artifact(directory, variant=variant["name"], flags=flags).model_source()
             evaluation["latency"] = variant_latency(source, encoder, texts)
             timed.append(variant["name"])
     path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from service.artifact import LABELS, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ArtifactError, sha256_of
-from service.runner import ModelRunner, session_options
+from service.runner import ModelRunner, cpu_session
 from service.taxonomy import Taxonomy, load_taxonomy
 from service.tokenization import TextEncoder
 
@@ -118,8 +117,7 @@ class SentenceEncoder:
         self.directory = directory
         self.manifest = load_encoder_manifest(directory)
         self.tokens = TextEncoder(directory / TOKENIZER_FILE, self.manifest.max_tokens)
-        self.session = ort.InferenceSession(str(directory / MODEL_FILE), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(directory / MODEL_FILE, threads)
         self._inputs = {item.name for item in self.session.get_inputs()}
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -61,14 +62,20 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     return options
 
 
+def cpu_session(model: Path | str | bytes, threads: int = 0, spin: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with `session_options`, on a model file or a model's bytes
+    (Artifact.model_source: a variant whose weights are re-encoded at load)."""
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(threads, spin), providers=["CPUExecutionProvider"])
+
+
 class ModelRunner:
     def __init__(self, artifact: Artifact, threads: int = 0, spin: bool = False) -> None:
         manifest = artifact.manifest
         self.manifest = manifest
         self.labels = manifest.labels
         self.encoder = TextEncoder(artifact.tokenizer_path, manifest.max_tokens, manifest.head_tokens)
-        self.session = ort.InferenceSession(artifact.model_source(), session_options(threads, spin),
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(artifact.model_source(), threads, spin)
         self._inputs = {item.name for item in self.session.get_inputs()}
         self._temperature = manifest.temperature
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+# The CPU flags (any one) with which ONNX Runtime multiplies u8 activations by s8 weights exactly, and fastest.
+S8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # The inputs of ONNX Runtime's integer MatMuls that hold a weight and its zero point.
 WEIGHT_INPUTS = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 5)}
 

@@ -28,11 +28,12 @@ from service.artifact import (
     load_artifact,
     sha256_of,
 )
+from service.runner import cpu_session
 from service.tokenization import TextEncoder
-from service.weights import WEIGHT_INPUTS, s8_weights
+from service.weights import S8_FLAGS, WEIGHT_INPUTS, s8_weights
 from tests.conftest import run_module
 
-VNNI_FLAGS = ["avx512_vnni", "avx_vnni", "amx_int8"]
+VNNI_FLAGS = list(S8_FLAGS)
 
 
 @pytest.fixture
@@ -147,8 +148,7 @@ def _feeds(encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def _logits(model: Path | bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return cpu_session(model).run(None, feeds)[0]
 
 
 BATCH = ["The parcel came late and support never answered.", "Lovely!", "ok I guess, price was fine",
