@@ -152,7 +152,8 @@ class SentimentController(Controller):
         aspects = None
         if scorer.aspects:
             encoder = scorer.aspects.encoder.manifest
-            aspects = {"encoder": {"name": encoder.name, "version": encoder.version, "sha256": encoder.sha256},
+            aspects = {"encoder": {"name": encoder.name, "version": encoder.version, "sha256": encoder.sha256,
+                                   "load_weights_as": scorer.aspects.encoder.load_weights_as},
                        "taxonomy": scorer.aspects.taxonomy.to_json(), "threshold": scorer.aspects.threshold}
         variant = {**scorer.artifact.variant.to_json(), "reason": scorer.artifact.reason}
         return {**scorer.artifact.manifest.to_json(), "variant": variant, "serving": layout, "aspects": aspects}

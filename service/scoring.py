@@ -191,7 +191,8 @@ class Scorer:
             for label in ("negative", "positive"):
                 self.metrics.aspect_predictions.labels(aspect, label)
         log.info("aspects ready", extra={"taxonomy": self.taxonomy.version, "aspects": len(self.taxonomy.aspects),
-                                         "threshold": model.threshold})
+                                         "threshold": model.threshold,
+                                         "encoder_weights": encoder.load_weights_as or "as stored"})
         return model
 
     def _teacher_client(self) -> TeacherClient | None:

@@ -5,8 +5,9 @@ point z - 128, so every real weight, and every integer product, is unchanged. ON
 activations by s8 weights with VNNI (AVX-512-VNNI, AVX-VNNI) or AMX 1.3-1.4x faster than by u8 weights,
 exactly (32-bit sums); on a CPU with AVX2 alone the s8 product goes through 16-bit sums that can
 saturate, so only the first kind of CPU gets it (service/artifact.py). Measured on a Zen 4 against the
-u8 file: the same logits to the last bit on 3,103 test texts (README, Model variants). Deriving it here
-instead of shipping a second file keeps one artefact of ~34 MB, and the same answers on every CPU.
+u8 file: the same logits to the last bit on 3,103 test texts (README, Model variants), and the aspect
+encoder's embeddings to the last bit on the 238 dev clauses. Deriving it here instead of shipping a second
+file keeps one artefact of ~34 MB, and the same answers on every CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ WEIGHT_INPUTS = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 5)}
 
 @functools.lru_cache(maxsize=1)  # every stream's session, the lone session and the layout calibration share it
 def s8_weights(model_path: Path, sha256: str) -> bytes:
-    """The model at `model_path` (whose hash is `sha256`, the cache key) with its u8 MatMul weights and their
-    zero points shifted to s8, serialised for ort.InferenceSession."""
+    """The student's s8 form (see shifted_to_s8), cached by the file's hash `sha256`."""
+    return shifted_to_s8(model_path)
+
+
+def shifted_to_s8(model_path: Path) -> bytes:
+    """The model at `model_path` with its u8 MatMul weights and their zero points shifted to s8, serialised
+    for ort.InferenceSession."""
     import numpy as np
     import onnx
     from onnx import numpy_helper

@@ -10,17 +10,19 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distill.aspect_eval import ASPECT_SETS, load_aspect_set, score_pairs
-from service.artifact import LABELS
+from service.artifact import LABELS, cpu_flags, runs_exactly
 from service.aspects import AspectModel, SentenceEncoder, calibrated, clauses
 from service.prompts import aspect_prompt, parse_aspects
 from service.settings import DEFAULT_ASPECT_MODEL_DIR, DEFAULT_MODEL_DIR
 from service.taxonomy import DEFAULT_TAXONOMY, TaxonomyError, load_taxonomy
 from service.teacher import OK, UNPARSEABLE, TeacherClient
+from service.weights import S8_FLAGS
 from tests.conftest import ROOT, Service, run_module, running_service
 
 HEADLINE = "The delivery was fast but the support agent was rude."
@@ -128,6 +130,15 @@ def aspect_model() -> AspectModel:
     return model
 
 
+def test_encoder_loads_u8_weights_as_s8_only_where_that_is_exact_and_changes_no_embedding() -> None:
+    vnni = SentenceEncoder(DEFAULT_ASPECT_MODEL_DIR, threads=1, flags={"avx2", "avx512_vnni"})
+    avx2 = SentenceEncoder(DEFAULT_ASPECT_MODEL_DIR, threads=1, flags={"avx2"})
+    assert (vnni.load_weights_as, avx2.load_weights_as) == ("s8", "")
+    if runs_exactly(S8_FLAGS, cpu_flags()):  # elsewhere s8 products may saturate: the rule's reason
+        pieces = [ex.text[s:e] for ex in load_aspect_set(ASPECT_SETS / "dev.tsv")[:40] for s, e in clauses(ex.text)]
+        np.testing.assert_array_equal(vnni.embed(pieces), avx2.embed(pieces))
+
+
 def test_aspect_clauses_and_regions(aspect_model: AspectModel) -> None:
     located = aspect_model.locate([HEADLINE, "Hello, I have a question."])
     assert [c.aspect for c in located[0]] == ["delivery", "support"]
@@ -153,8 +164,6 @@ def test_region_takes_in_the_aspect_less_verdict_after_it(aspect_model: AspectMo
 
 
 def test_calibration_divides_out_the_polarity_prior_and_keeps_neutral() -> None:
-    import numpy as np
-
     probs = np.array([0.5, 0.2, 0.3])
     out = calibrated(probs, np.array([0.6, 0.3, 0.1]))  # the aspect's terms read negative
     assert out[1] == pytest.approx(0.2) and out.sum() == pytest.approx(1.0)
@@ -220,6 +229,7 @@ def test_model_route_reports_the_encoder_and_taxonomy(committed: Service) -> Non
     assert aspects["taxonomy"]["version"] == "customer-service-v1"
     assert [a["name"] for a in aspects["taxonomy"]["aspects"]][:2] == ["delivery", "product"]
     assert aspects["encoder"]["name"] == "aspect-minilm-int8" and 0 < aspects["threshold"] < 1
+    assert aspects["encoder"]["load_weights_as"] == ("s8" if runs_exactly(S8_FLAGS, cpu_flags()) else "")
 
 
 def test_a_request_whose_aspect_clauses_cannot_fit_the_queue_is_a_clear_422(tmp_path: Path) -> None:

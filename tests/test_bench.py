@@ -8,7 +8,8 @@ import re
 import pytest
 
 from bench.serving import WRK
-from service.artifact import load_artifact
+from service.artifact import cpu_flags, load_artifact, runs_exactly
+from service.weights import S8_FLAGS
 from tests.conftest import run_module
 
 
@@ -144,3 +145,13 @@ def test_the_builds_bench_times_each_build_against_the_first(tiny_model, tmp_pat
     assert set(rows) == {str(tiny_model / "model.onnx"), str(second)}, out
     assert rows[str(tiny_model / "model.onnx")] == ("1.00", "1.00", "1.00"), out
     assert all(float(ratio) > 0 for ratio in rows[str(second)]), out
+
+
+def test_the_aspects_bench_times_the_encoder_as_stored_and_as_s8_where_that_is_exact() -> None:
+    out = run_module("bench.aspects", "--rounds", "1", "--set", "distill/aspects/dev.tsv", timeout=300).stdout
+    rows = dict(re.findall(r"^(as stored \(u8\)|s8)\s+[\d.]+\s+[\d.]+\s+([\d.]+)x$", out, re.M))
+    s8 = runs_exactly(S8_FLAGS, cpu_flags())
+    assert set(rows) == ({"as stored (u8)", "s8"} if s8 else {"as stored (u8)"}), out
+    assert rows["as stored (u8)"] == "1.00", out
+    if s8:
+        assert "identical to u8 on every clause: True" in out, out
