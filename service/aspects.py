@@ -121,9 +121,9 @@ class SentenceEncoder:
 
     One text per ONNX Runtime call: dynamic int8 quantizes activations with one scale per batch tensor,
     so a batched clause's embedding would depend on its neighbours and their padding (on dev that cost a
-    point of pair F1 and made answers vary with the request around them). Clauses are short: 1.2 ms each
+    point of pair F1 and made answers vary with the request around them). Clauses are short: 1.1 ms each
     on one thread (AMD EPYC Zen 4), where u8 weights are loaded as s8 (service/weights.py): the same
-    embeddings to the last bit, 1.49x faster than as stored (1.8 ms).
+    embeddings to the last bit, against 1.8 ms as stored (bench/aspects.py).
     """
 
     def __init__(self, directory: Path, threads: int = 0, flags: set[str] | None = None) -> None:

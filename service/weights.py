@@ -6,7 +6,7 @@ activations by s8 weights with VNNI (AVX-512-VNNI, AVX-VNNI) or AMX 1.3-1.4x fas
 exactly (32-bit sums); on a CPU with AVX2 alone the s8 product goes through 16-bit sums that can
 saturate, so only the first kind of CPU gets it (service/artifact.py). Measured on a Zen 4 against the
 u8 file: the same logits to the last bit on 3,103 test texts (README, Model variants), and the aspect
-encoder's embeddings to the last bit on the 238 dev clauses. Deriving it here instead of shipping a second
+encoder's embeddings to the last bit on the 702 dev and held-out clauses. Deriving it here instead of shipping a second
 file keeps one artefact of ~34 MB, and the same answers on every CPU.
 """
 
