@@ -43,7 +43,7 @@ from service.artifact import (
 from service.runner import ModelRunner, cpu_session
 from service.taxonomy import Taxonomy, load_taxonomy
 from service.tokenization import TextEncoder
-from service.weights import S8_FLAGS, shifted_to_s8
+from service.weights import S8_FLAGS, U8_WEIGHTS, shifted_to_s8
 
 # Phrases that name no aspect: a clause closer to these than to any aspect carries none.
 NO_ASPECT = ("thank you", "thanks", "great job", "well done", "very impressed", "much appreciated", "love it",
@@ -89,7 +89,7 @@ class EncoderManifest:
     max_tokens: int
     threshold: float  # cosine similarity an aspect needs (tuned on the dev set for this encoder)
     top_k: int  # an aspect's similarity: the mean of its top-k phrase similarities
-    weights: str  # how the int8 file stores its MatMul weights: "QUInt8", "QInt8"; "" for none (fp32)
+    weights: str  # how the int8 file stores its MatMul weights (U8_WEIGHTS, or s8 ones); "" for none (fp32)
 
 
 def check_aspect_config(model_dir: Path, taxonomy_path: Path) -> Taxonomy:
@@ -130,7 +130,7 @@ class SentenceEncoder:
         self.directory = directory
         self.manifest = load_encoder_manifest(directory)
         self.tokens = TextEncoder(directory / TOKENIZER_FILE, self.manifest.max_tokens)
-        s8 = self.manifest.weights == "QUInt8" and runs_exactly(S8_FLAGS, cpu_flags() if flags is None else flags)
+        s8 = self.manifest.weights in U8_WEIGHTS and runs_exactly(S8_FLAGS, cpu_flags() if flags is None else flags)
         self.load_weights_as = "s8" if s8 else ""  # as for the student's variants: "" is as stored
         self.session = cpu_session(shifted_to_s8(directory / MODEL_FILE) if s8 else directory / MODEL_FILE, threads)
         self._inputs = {item.name for item in self.session.get_inputs()}

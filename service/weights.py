@@ -6,8 +6,8 @@ activations by s8 weights with VNNI (AVX-512-VNNI, AVX-VNNI) or AMX 1.3-1.4x fas
 exactly (32-bit sums); on a CPU with AVX2 alone the s8 product goes through 16-bit sums that can
 saturate, so only the first kind of CPU gets it (service/artifact.py). Measured on a Zen 4 against the
 u8 file: the same logits to the last bit on 3,103 test texts (README, Model variants), and the aspect
-encoder's embeddings to the last bit on the 702 dev and held-out clauses. Deriving it here instead of shipping a second
-file keeps one artefact of ~34 MB, and the same answers on every CPU.
+encoder's embeddings to the last bit on the 702 dev and held-out clauses. Deriving it here instead of
+shipping a second file keeps one artefact of ~34 MB, and the same answers on every CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 # The CPU flags (any one) with which ONNX Runtime multiplies u8 activations by s8 weights exactly, and fastest.
 S8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# How manifests name u8 weights: the export's quantize_int8 ("u8") and optimum's configs ("QUInt8").
+U8_WEIGHTS = ("u8", "QUInt8")
 # The inputs of ONNX Runtime's integer MatMuls that hold a weight and its zero point.
 WEIGHT_INPUTS = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 5)}
 
