@@ -74,15 +74,21 @@ print-settings: $(VENV)/.runtime
 # The whole pipeline: teacher labels -> student training -> gated int8 export into $(MODEL_DIR).
 # HUMAN_ONLY=1 needs no teacher; TEACHER_URL=... uses any OpenAI-compatible server.
 TRAIN_ARGS ?= --cap imdb=7000 --repeat rotten_tomatoes=2 drugs=2
-# The committed model passed its gates at 99.3% int8/fp32 agreement on test, not the default 99.5%; on drugs'
+# Quantization-aware fine-tuning keeps in fp32 the six MatMuls the export keeps (its sensitivity ranking on
+# every model so far: the first three layers' feed-forward projections), and the export builds that mix.
+KEEP_FP32 := $(foreach i,0 1 2,/bert/encoder/layer.$(i)/intermediate/dense/MatMul /bert/encoder/layer.$(i)/output/dense/MatMul)
+QAT_ARGS ?= --keep-fp32 $(KEEP_FP32)
+# The committed model passed its gates at 99.4% int8/fp32 agreement on test, not the default 99.5%; on drugs'
 # 103 test texts one text is a point (README, Model variants).
-EXPORT_ARGS ?= --eval-per-source 1000 --min-agreement 0.99 --max-accuracy-drop 0.01
+EXPORT_ARGS ?= --eval-per-source 1000 --min-agreement 0.992 --max-accuracy-drop 0.01 --mixed 6
 model: $(VENV)/.all
 	$(if $(HUMAN_ONLY),,$(BIN)/python -m distill label $(if $(TEACHER_URL),--teacher-url $(TEACHER_URL)) \
 		--sources tweets rotten_tomatoes drugs --per-source 200 --rewrite-per-source 50)
 	$(BIN)/python -m distill train $(TRAIN_ARGS) $(if $(HUMAN_ONLY),--human-only,--teacher-cache .cache/teacher/answers.jsonl) \
 		--out checkpoints/student
-	$(BIN)/python -m export --checkpoint checkpoints/student --out $(MODEL_DIR) $(EXPORT_ARGS)
+	$(BIN)/python -m distill qat --reference checkpoints/student --out checkpoints/student-qat $(QAT_ARGS)
+	$(BIN)/python -m export --checkpoint checkpoints/student-qat --reference checkpoints/student --out $(MODEL_DIR) \
+		$(EXPORT_ARGS)
 
 # Step load with the SLO gates of loadtests/slo.toml against a running `make serve` (LOADTEST_URL); exits 1
 # when a gate fails. Locust's HTML report, CSV stats and a chart land in runs/loadtest/<time>/.

@@ -3,6 +3,7 @@
   python -m distill label        teacher soft labels and rewrites for a train sample (cached, resumable)
   python -m distill teacher-eval teacher accuracy per prompt version on the dev (or test) split
   python -m distill train        fine-tune the student on human + teacher labels
+  python -m distill qat          fine-tune a copy of the student, rounded as int8, to give its fp32 answers
   python -m distill aspect-eval  aspect-level pair F1 of the student's method and of the teacher's aspect
                                  prompt on a hand-written set (distill/aspects/eval.tsv), side by side
 
@@ -260,6 +261,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    from distill.qat import QatConfig, fine_tune, module_name
+    from distill.train import make_items
+    from service.tokenization import TextEncoder
+
+    report_path = args.reference / "training_report.json"
+    trained = json.loads(report_path.read_text()).get("config", {}) if report_path.exists() else {}
+    encoder = TextEncoder(args.reference / "tokenizer.json", trained.get("max_tokens", 256), trained.get("head_tokens"))
+    examples = load_all(args.sources)
+    # The export calibrates its activation ranges on the first 64 train texts per source: so does this.
+    calibration = [enc.ids for enc in encoder.encode([ex.text for ex in sample(examples, "train", 64)])]
+    items = make_items(sample(examples, "train", args.per_source), encoder)
+    config = QatConfig(steps=args.steps, learning_rate=args.lr, seed=args.seed)
+    held_out = [enc.ids for enc in encoder.encode([ex.text for ex in sample(examples, "dev", args.dev_per_source)])]
+    keep = [module_name(node) for node in args.keep_fp32]
+    try:
+        report = fine_tune(args.reference, args.out, items, calibration, held_out, encoder, config, keep)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report["quantization_aware"], indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,6 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--backbone", type=Path)
     train_cmd.add_argument("--out", type=Path, default=Path("checkpoints/student"))
     train_cmd.set_defaults(func=cmd_train)
+
+    qat_cmd = sub.add_parser("qat", help="quantization-aware fine-tuning of a trained student (distill/qat.py)")
+    qat_cmd.add_argument("--reference", type=Path, default=Path("checkpoints/student"), help="the fp32 student")
+    qat_cmd.add_argument("--sources", nargs="+", default=list(LOADERS), choices=list(LOADERS))
+    qat_cmd.add_argument("--per-source", type=int, default=4000, help="train texts per source")
+    qat_cmd.add_argument("--dev-per-source", type=int, default=250, help="dev texts the match is reported on")
+    qat_cmd.add_argument("--keep-fp32", nargs="*", default=[], metavar="NODE",
+                         help="MatMuls the export will keep in fp32, as its manifest names them (fp32_nodes)")
+    qat_cmd.add_argument("--steps", type=int, default=300)
+    qat_cmd.add_argument("--lr", type=float, default=1e-6)
+    qat_cmd.add_argument("--seed", type=int, default=13)
+    qat_cmd.add_argument("--out", type=Path, default=Path("checkpoints/student-qat"))
+    qat_cmd.set_defaults(func=cmd_qat)
 
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so an embedded teacher started here is stopped, never orphaned.

@@ -7,10 +7,11 @@ Steps: optimum ONNX export (fp32) -> int8 candidates with u8 weights, which ever
 kept in fp32), each with dynamic activation ranges and with static ones (a text's scores then do not
 depend on its batch) -> among those that reach --min-agreement on dev, a static one, then the fewest fp32
 MatMuls -> temperature fitted on dev -> evaluation on the test splits -> gate (agreement, accuracy drop
-per source) -> model.onnx + tokenizer.json + manifest.json. The manifest lists two variants of the one
-file: `vnni` (its weights loaded as s8 on CPUs with VNNI or AMX, service/weights.py: the same logits,
-1.3-1.4x faster; checked and timed where this CPU has VNNI) and `portable` (as stored, any CPU). A failed
-gate exits 1 with the report and writes nothing to --out.
+per source) -> model.onnx + tokenizer.json + manifest.json. With --reference, the checkpoint quantized is
+a quantization-aware copy of the reference (distill/qat.py) and every figure is against the reference.
+The manifest lists two variants of the one file: `vnni` (its weights loaded as s8 on CPUs with VNNI or
+AMX, service/weights.py: the same logits, 1.3-1.4x faster; checked and timed where this CPU has VNNI) and
+`portable` (as stored, any CPU). A failed gate exits 1 with the report and writes nothing to --out.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def build_int8(work: Path, fp32_path: Path, smoothed: dict[float, Path], fp32_de
 
 def run(args: argparse.Namespace) -> int:
     checkpoint: Path = args.checkpoint
+    reference: Path = args.reference or checkpoint
     report_path = checkpoint / "training_report.json"
     training = json.loads(report_path.read_text()) if report_path.exists() else {}
     max_tokens = args.max_tokens or training.get("config", {}).get("max_tokens", 256)
@@ -129,15 +131,18 @@ def run(args: argparse.Namespace) -> int:
     flags = cpu_flags()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fp32_path = export_fp32(checkpoint, work / "fp32")
+        # The fp32 model every figure is measured against, and the one quantized: the same checkpoint, or
+        # with --reference a quantization-aware copy of it (distill/qat.py) standing in for the reference.
+        fp32_path = export_fp32(reference, work / "fp32")
+        source_path = export_fp32(checkpoint, work / "source") if reference != checkpoint else fp32_path
         dev_texts, test_texts = [ex.text for ex in dev], [ex.text for ex in test]
         fp32_dev, fp32_test = onnx_logits(fp32_path, encoder, dev_texts), onnx_logits(fp32_path, encoder, test_texts)
         feeds = calibration_feeds(args.sources, encoder)
         smoothed = {alpha: work / f"smooth{alpha}-fp32.onnx" for alpha in SMOOTHING}
         for alpha, path in smoothed.items():
-            smooth_model(fp32_path, path, feeds, alpha)
-        path, record = build_int8(work, fp32_path, smoothed, fp32_dev, encoder, dev_texts, args.min_agreement, feeds,
-                                  tuple(args.mixed))
+            smooth_model(source_path, path, feeds, alpha)
+        path, record = build_int8(work, source_path, smoothed, fp32_dev, encoder, dev_texts, args.min_agreement,
+                                  feeds, tuple(args.mixed))
         if args.damage:  # for the gate's own test: a model whose weights were disturbed must fail
             path = damage_model(path, work / "damaged.onnx", args.damage)
         temperature = fit_temperature(onnx_logits(path, encoder, dev_texts), [ex.label for ex in dev])
@@ -188,8 +193,9 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest(
         name=args.name, version=args.version, labels=LABELS, max_tokens=max_tokens, head_tokens=head_tokens,
         sha256=sha256, temperature=temperature, quantization=record,
-        provenance={"checkpoint": str(checkpoint), "training": {k: training.get(k) for k in (
-            "config", "steps", "train_seconds", "train_examples_by_source", "teacher_labelled", "provenance")},
+        provenance={"checkpoint": str(checkpoint), "reference": str(reference), "training": {
+            k: training.get(k) for k in ("config", "steps", "train_seconds", "train_examples_by_source",
+                                         "teacher_labelled", "provenance", "quantization_aware") if k in training},
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "exported_on": sorted(flags.intersection(INT8_FLAGS))},
         evaluation={**evaluation, "dev_training": training.get("dev")}, variants=variants,
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, help="the fp32 checkpoint to measure against, when --checkpoint "
+                        "is its quantization-aware copy (python -m distill qat); default: --checkpoint itself")
     parser.add_argument("--name", default="sentiment-minilm-int8")
     parser.add_argument("--version", default=time.strftime("%Y.%m.%d"))
     parser.add_argument("--sources", nargs="+", default=list(LOADERS), choices=list(LOADERS))
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="mixed-precision candidates: the K most int8-sensitive MatMuls kept in fp32")
     parser.add_argument("--damage", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    problem = checkpoint_problem(args.checkpoint)
+    problem = checkpoint_problem(args.checkpoint) or (args.reference and checkpoint_problem(args.reference))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
