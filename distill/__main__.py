@@ -264,17 +264,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_qat(args: argparse.Namespace) -> int:
     from distill.qat import QatConfig, fine_tune, module_name
     from distill.train import make_items
+    from export.__main__ import CALIBRATION_PER_SOURCE
     from service.tokenization import TextEncoder
 
     report_path = args.reference / "training_report.json"
     trained = json.loads(report_path.read_text()).get("config", {}) if report_path.exists() else {}
     encoder = TextEncoder(args.reference / "tokenizer.json", trained.get("max_tokens", 256), trained.get("head_tokens"))
     examples = load_all(args.sources)
-    # The export calibrates its activation ranges on the first 64 train texts per source: so does this.
-    calibration = [enc.ids for enc in encoder.encode([ex.text for ex in sample(examples, "train", 64)])]
+    # The texts the export calibrates its activation ranges on.
+    calibration_texts = [ex.text for ex in sample(examples, "train", CALIBRATION_PER_SOURCE)]
+    calibration = [enc.ids for enc in encoder.encode(calibration_texts)]
     items = make_items(sample(examples, "train", args.per_source), encoder)
     config = QatConfig(steps=args.steps, learning_rate=args.lr, seed=args.seed)
-    held_out = [enc.ids for enc in encoder.encode([ex.text for ex in sample(examples, "dev", args.dev_per_source)])]
+    held_out = [ex.text for ex in sample(examples, "dev", args.dev_per_source)]
     keep = [module_name(node) for node in args.keep_fp32]
     try:
         report = fine_tune(args.reference, args.out, items, calibration, held_out, encoder, config, keep)

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
-from distill.train import TrainConfig, TrainItem, collate, length_grouped_batches, seed_everything
+from distill.train import TrainConfig, TrainItem, collate, length_grouped_batches, predict_logits, seed_everything
+from export.gate import agreement
 from export.static import HEADROOM
 from service.artifact import TOKENIZER_FILE
 from service.tokenization import TextEncoder
@@ -153,25 +154,16 @@ def plain_copy(fake: nn.Module) -> nn.Module:
     return plain
 
 
-@torch.no_grad()
 def held_out_match(reference: nn.Module, fake: nn.Module, encoder: TextEncoder,
-                   texts: Sequence[list[int]], batch_size: int = 32) -> dict[str, float]:
+                   texts: Sequence[str]) -> dict[str, float]:
     """How closely the fake-int8 copy gives the reference's answers on held-out texts: label agreement
     and mean squared logit difference."""
-    order = sorted(texts, key=len)
-    ours, theirs = [], []
-    for start in range(0, len(order), batch_size):
-        input_ids, mask = encoder.pad(order[start:start + batch_size])
-        inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
-        ours.append(fake(**inputs).logits)
-        theirs.append(reference(**inputs).logits)
-    a, b = torch.cat(ours), torch.cat(theirs)
-    return {"agreement": round(float((a.argmax(1) == b.argmax(1)).float().mean()), 4),
-            "logit_mse": round(float(F.mse_loss(a, b)), 6)}
+    ours, theirs = predict_logits(fake, encoder, texts), predict_logits(reference, encoder, texts)
+    return {"agreement": round(agreement(theirs, ours), 4), "logit_mse": round(float(((ours - theirs) ** 2).mean()), 6)}
 
 
 def fine_tune(reference_dir: Path, out_dir: Path, items: Sequence[TrainItem], calibration: Sequence[list[int]],
-              held_out: Sequence[list[int]], encoder: TextEncoder, config: QatConfig,
+              held_out: Sequence[str], encoder: TextEncoder, config: QatConfig,
               keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
     """Fine-tune a fake-int8 copy of `reference_dir` towards its fp32 logits, the Linears named in
     `keep_fp32` (the MatMuls the export will keep in fp32) left unrounded; write the plain copy (weights
