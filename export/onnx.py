@@ -42,8 +42,53 @@ def quantize_int8(fp32_path: Path, out_path: Path, weights: str, per_channel: bo
     quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=operators, per_channel=per_channel,
                      weight_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[weights],
                      nodes_to_quantize=only, nodes_to_exclude=exclude or [], extra_options={"MatMulConstBOnly": True})
+    tables = "per-tensor u8"
+    if per_channel:
+        requantize_tables_per_column(fp32_path, out_path)
+        tables = "per-column u8"
     return {"mode": "dynamic-int8", "weights": weights, "activations": "u8", "per_channel": per_channel,
-            "operators": operators, "fp32_nodes": sorted(exclude or [])}
+            "operators": operators, "fp32_nodes": sorted(exclude or []), "embedding_tables": tables}
+
+
+def requantize_tables_per_column(fp32_path: Path, int8_path: Path) -> int:
+    """Re-round each int8 embedding table (Gather -> DequantizeLinear) with a scale and zero point per
+    hidden dimension instead of one per table; rewrites `int8_path`, returns how many tables changed.
+
+    ONNX Runtime's quantizer gives a Gather's table one range, and one outlying dimension (a position
+    embedding reaches 1.87 where 99.99% of values are under 0.17) makes the step coarse for all the rest:
+    on model 2.2.0's student those tables alone moved 18 of 3,103 test labels, the int8 MatMul weights 6.
+    A per-column scale commutes with the Gather, so the DequantizeLinear after it takes it along the last
+    axis at the cost of the same elementwise op."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    fp32 = {init.name: init for init in onnx.load(str(fp32_path)).graph.initializer}
+    model = onnx.load(str(int8_path))
+    inits = {init.name: init for init in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    changed = 0
+    for node in model.graph.node:
+        gather = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if gather is None or gather.op_type != "Gather":
+            continue
+        table_name = gather.input[0]
+        source = fp32.get(table_name.removesuffix("_quantized"))
+        if table_name not in inits or source is None:
+            continue
+        table = numpy_helper.to_array(source).astype(np.float32)
+        low = np.minimum(table.min(axis=0), 0.0)
+        high = np.maximum(table.max(axis=0), 0.0)
+        scale = np.maximum((high - low) / 255.0, np.finfo(np.float32).tiny).astype(np.float32)
+        zero = np.clip(np.round(-low / scale), 0, 255).astype(np.uint8)
+        quantized = np.clip(np.round(table / scale) + zero, 0, 255).astype(np.uint8)
+        for name, value in ((table_name, quantized), (node.input[1], scale), (node.input[2], zero)):
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("axis", -1))
+        changed += 1
+    onnx.save(model, str(int8_path))
+    return changed
 
 
 def copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:

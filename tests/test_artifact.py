@@ -1,6 +1,7 @@
 """The artefact's int8 variants: which one a CPU gets, what is refused; that the export's activation
 smoothing changes nothing in fp32 (so every difference left is int8's), that static activation ranges
-make a text's scores independent of its batch, and that the u8 twin computes an s8 build exactly."""
+make a text's scores independent of its batch, that embedding tables are rounded per column, and that
+the u8 twin computes an s8 build exactly."""
 
 from __future__ import annotations
 
@@ -172,6 +173,38 @@ def test_static_ranges_make_a_texts_scores_independent_of_its_batch(tiny_model: 
         np.testing.assert_allclose(session.run(None, _feeds(encoder, [text]))[0][0], batched[row], rtol=0, atol=1e-5)
     # the same int8 weights with dynamic ranges: close, not equal (another activation scale)
     np.testing.assert_allclose(batched, _logits(dynamic, _feeds(encoder, BATCH)), atol=0.25)
+
+
+def test_embedding_tables_are_rounded_per_column(tiny_model: Path, tmp_path: Path) -> None:
+    fp32 = export_fp32(tiny_model.parent / "checkpoint", tmp_path / "fp32")
+    int8 = tmp_path / "int8.onnx"
+    assert quantize_int8(fp32, int8, "u8")["embedding_tables"] == "per-column u8"
+    tables = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(fp32)).graph.initializer}
+    model = onnx.load(str(int8))
+    inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    looked_up = {}  # DequantizeLinear output -> (fp32 table, its per-column scale, the Gather's ids input)
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and producer[node.input[0]].op_type == "Gather":
+            gather = producer[node.input[0]]
+            table = tables[gather.input[0].removesuffix("_quantized")]
+            scale = inits[node.input[1]]
+            assert scale.shape == (table.shape[1],)  # one step per hidden dimension, not one per table
+            assert scale.max() > 1.5 * scale.min()  # (the columns' ranges do differ)
+            looked_up[node.output[0]] = (table, scale, gather.input[1])
+    assert len(looked_up) == 3  # words, positions, token types
+    # ONNX Runtime's own lookups: every value within half a step of its column's fp32 value
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in looked_up)
+    encoder = TextEncoder(tiny_model / "tokenizer.json", 48, 16)
+    feeds = _feeds(encoder, BATCH)
+    session = cpu_session(model.SerializeToString())
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    ids = {"input_ids": feeds["input_ids"], "token_type_ids": np.zeros_like(feeds["input_ids"])}
+    for name, (table, scale, ids_input) in looked_up.items():
+        got = outputs[name]
+        rows = ids.get(ids_input)
+        want = table[rows] if rows is not None else table[: got.shape[-2]]  # positions: 0 .. length-1
+        assert np.all(np.abs(got - want) <= scale / 2 + 1e-6), name
 
 
 def test_the_s8_weights_compute_the_u8_build_exactly(tiny_model: Path, tmp_path: Path) -> None:

@@ -60,10 +60,10 @@ def test_the_fake_int8_copy_computes_what_the_static_int8_export_computes(tiny_m
 def test_qat_moves_int8_towards_fp32_and_the_export_gates_against_the_reference(tiny_model, tmp_path) -> None:
     checkpoint = tiny_checkpoint(tiny_model)
     run_module("distill", "qat", "--reference", str(checkpoint), "--sources", *SOURCES, "--per-source", "200",
-               "--dev-per-source", "150", "--steps", "30", "--out", str(tmp_path / "qat"))
+               "--dev-per-source", "150", "--steps", "60", "--out", str(tmp_path / "qat"))
     report = json.loads((tmp_path / "qat" / "training_report.json").read_text())
     qat = report["quantization_aware"]
-    assert qat["steps"] == 30 and qat["fake_int8_linears"] == 8 and qat["kept_fp32"] == []
+    assert qat["steps"] == 60 and qat["fake_int8_linears"] == 8 and qat["kept_fp32"] == []
     assert qat["held_out_after"]["logit_mse"] < qat["held_out_before"]["logit_mse"]
     assert report["config"]["max_tokens"] == 48  # the reference's training report travels with the copy
 
