@@ -63,6 +63,8 @@ def requantize_tables_per_column(fp32_path: Path, int8_path: Path) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
+    from export.static import u8_scale_and_zero
+
     fp32 = {init.name: init for init in onnx.load(str(fp32_path)).graph.initializer}
     model = onnx.load(str(int8_path))
     inits = {init.name: init for init in model.graph.initializer}
@@ -76,10 +78,7 @@ def requantize_tables_per_column(fp32_path: Path, int8_path: Path) -> None:
         if table_name not in inits or source is None:
             continue
         table = numpy_helper.to_array(source).astype(np.float32)
-        low = np.minimum(table.min(axis=0), 0.0)
-        high = np.maximum(table.max(axis=0), 0.0)
-        scale = np.maximum((high - low) / 255.0, np.finfo(np.float32).tiny).astype(np.float32)
-        zero = np.clip(np.round(-low / scale), 0, 255).astype(np.uint8)
+        scale, zero = u8_scale_and_zero(table.min(axis=0), table.max(axis=0))
         quantized = np.clip(np.round(table / scale) + zero, 0, 255).astype(np.uint8)
         for name, value in ((table_name, quantized), (node.input[1], scale), (node.input[2], zero)):
             inits[name].CopyFrom(numpy_helper.from_array(value, name))

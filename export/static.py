@@ -35,9 +35,7 @@ def fix_activation_ranges(int8_path: Path, out_path: Path, calibration: Sequence
     quantizers = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
     ranges = _calibrated_ranges(model, [n.input[0] for n in quantizers], calibration)
     for node in quantizers:
-        low, high = (headroom * bound for bound in ranges[node.input[0]])
-        scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
-        zero_point = np.uint8(np.clip(np.round(-low / scale), 0, 255))
+        scale, zero_point = u8_scale_and_zero(*(headroom * bound for bound in ranges[node.input[0]]))
         _, scale_name, zero_name = node.output
         graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), scale_name),
                                   numpy_helper.from_array(np.array(zero_point, np.uint8), zero_name)])
@@ -49,6 +47,14 @@ def fix_activation_ranges(int8_path: Path, out_path: Path, calibration: Sequence
     return {"mode": "static-int8", "activation_ranges": {
         "calibration_texts": len(calibration), "tensors": len(quantizers), "headroom": headroom,
         "fused_matmuls": fused}}
+
+
+def u8_scale_and_zero(low: Any, high: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of u8 over [low, high] (scalars, or arrays for one range per axis entry), 0
+    always inside as ONNX Runtime's quantizer keeps it; an empty range gets scale 1."""
+    low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
+    scale = np.where(high > low, (high - low) / 255.0, 1.0).astype(np.float32)
+    return scale, np.clip(np.round(-low / scale), 0, 255).astype(np.uint8)
 
 
 def _calibrated_ranges(model: onnx.ModelProto, tensors: list[str], calibration: Sequence[dict[str, np.ndarray]],
