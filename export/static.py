@@ -9,7 +9,9 @@ zero point are fixed from the range its input took on calibration texts (each te
 plays no part), and QuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add(bias) is written as ONNX
 Runtime's MatMulIntegerToFloat, which its optimiser fuses for dynamic quantization only. Every row is
 then quantized on its own terms: a text's scores are the same in any batch. A value beyond its calibrated
-range saturates; `headroom` widens every range to leave room for texts unlike the calibration ones.
+range saturates, yet ranges as wide as the calibration texts' peaks and no wider measured best, on texts
+unlike the calibration ones too (customer-service messages, odd strings): a 10% wider range costs every
+text resolution, and a 5% narrower one clips features every text uses (int8 logit error 2.5x).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-HEADROOM = 1.1  # every calibrated range widened by 10%
+HEADROOM = 1.0  # a factor on every calibrated range (1.1 until model 2.4.0)
 
 
 def fix_activation_ranges(int8_path: Path, out_path: Path, calibration: Sequence[dict[str, np.ndarray]],

@@ -14,7 +14,7 @@ from distill.data import load_all, sample
 from distill.qat import input_ranges, make_fake_int8, module_name
 from export.gate import onnx_logits
 from export.onnx import export_fp32, quantize_int8
-from export.static import fix_activation_ranges
+from export.static import HEADROOM, fix_activation_ranges
 from service.artifact import load_artifact
 from service.tokenization import TextEncoder
 from tests.conftest import run_module
@@ -48,7 +48,7 @@ def test_the_fake_int8_copy_computes_what_the_static_int8_export_computes(tiny_m
     linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     alone = [{"input_ids": torch.tensor([enc.ids]), "attention_mask": torch.ones(1, len(enc.ids), dtype=torch.long)}
              for enc in calibration]
-    fake = make_fake_int8(model, input_ranges(model, linears, alone, 1.1))
+    fake = make_fake_int8(model, input_ranges(model, linears, alone, HEADROOM))
     with torch.no_grad():
         fake_logits = np.stack([fake(input_ids=torch.tensor([enc.ids])).logits[0].numpy()
                                 for enc in encoder.encode(texts)])
