@@ -79,9 +79,9 @@ TRAIN_ARGS ?= --cap imdb=7000 --repeat rotten_tomatoes=2 drugs=2
 # projections). Off by default: on 2.3.0's student it lowered the int8 logit error but moved more labels.
 KEEP_FP32 := $(foreach i,0 1 2,/bert/encoder/layer.$(i)/intermediate/dense/MatMul /bert/encoder/layer.$(i)/output/dense/MatMul)
 QAT_ARGS ?= --keep-fp32 $(KEEP_FP32)
-# int8/fp32 agreement, dev / test: the committed model (2.3.0, the student exported without QAT) 99.51% / 99.42%;
-# a QAT copy of it 99.39% / 99.39% at a lower logit error. The gate is 99.2%, not the default 99.5%, and on
-# drugs' 103 test texts one text is a point (README, Model variants).
+# int8/fp32 agreement, dev / test: the committed model (2.4.0, the student exported without QAT) 99.55% / 99.58%.
+# The gate is 99.2%, not the default 99.5%: the export picks among candidates 0.2 points above the gate on dev,
+# and none is 0.2 points above 99.5%; on drugs' 103 test texts one text is a point (README, Model variants).
 EXPORT_ARGS ?= --eval-per-source 1000 --min-agreement 0.992 --max-accuracy-drop 0.01 --mixed 6
 model: $(VENV)/.all
 	$(if $(HUMAN_ONLY),,$(BIN)/python -m distill label $(if $(TEACHER_URL),--teacher-url $(TEACHER_URL)) \
