@@ -45,7 +45,7 @@ class QatConfig:
     warmup_ratio: float = 0.1
     batch_tokens: int = 4096
     max_batch_size: int = 64
-    headroom: float = HEADROOM  # the export's: every calibrated input range widened by it
+    headroom: float = HEADROOM  # the export's factor on every calibrated input range
     seed: int = 13
     threads: int = 2
 
