@@ -22,7 +22,6 @@ from service.metrics import Metrics
 from service.runner import ModelRunner, Prediction, choose_layout
 from service.settings import Settings
 from service.tokenization import Encoded
-from service.weights import s8_weights
 
 log = logging.getLogger("sentiment.engine")
 # Above this many characters a request is tokenised off the event loop (~1 ms of tokenizer work).
@@ -58,7 +57,6 @@ class Engine:
         s = settings
         layout, runners = await asyncio.to_thread(choose_layout, artifact, s.layout, s.max_batch_tokens,
                                                    s.lone_spin, s.max_batch_ms, s.backlog_batch_tokens)
-        s8_weights.cache_clear()  # every session is built and has its own copy of the model
         log.info("layout chosen", extra={"layout": layout.shape, "batch_tokens": layout.batch_tokens,
                                          "backlog_batch_tokens": layout.backlog_tokens, "reason": layout.reason})
         warn_if_queue_outlasts_deadline(layout, s)

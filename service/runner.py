@@ -23,6 +23,7 @@ from service.layout import (
     parse_shape,
 )
 from service.tokenization import Encoded, TextEncoder
+from service.weights import s8_weights
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def choose_layout(artifact: Artifact, shape: str = "auto", batch_tokens: int = 0
     shapes = [fixed] if fixed else candidate_shapes(cores)
     runners = {t: ModelRunner(artifact, threads=t, spin=spin_alone and t == cores)
                for t in sorted({t for _, t in shapes} | {cores})}
+    s8_weights.cache_clear()  # the runners' sessions shared the derived bytes, and each holds its own copy
     if fixed and batch_tokens:
         layout = Layout(*fixed, batch_tokens)
     else:
