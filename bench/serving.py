@@ -3,8 +3,9 @@ HTTP at 1, 8 and 64 concurrent clients, under granian and uvicorn, per layout, b
 might run instead (bench/peers.py: a plain server calling ONNX Runtime once per request, a transformers
 fp32 pipeline() server), and the service with `"aspects": true` on every request (the aspect path's cost
 beside the plain one, same process). Every measurement is taken `--rounds` times, interleaved across rows; prints
-the medians and their ratios to the limit. The load comes from wrk (compiled) where installed, else from
-a bare asyncio client.
+the medians and their ratios to the limit, then the same ratios paired by round (each row's figure over the
+limit's, and over the other rows', taken in the same round) with their spread. The load comes from wrk
+(compiled) where installed, else from a bare asyncio client.
 
   python bench/serving.py [--model models/sentiment-minilm-int8] [--seconds 4] [--rounds 3] [--peers plain pipeline]
                           [--restart]
@@ -224,7 +225,10 @@ def cpu_header() -> str:
     return f"{cpu_model()}; {os.cpu_count()} cores visible"
 
 
-def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+Rounds = list[dict[str, float]]  # one measurement's figures, a dict per round
+
+
+def median_of(rounds: Rounds) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
@@ -334,6 +338,21 @@ def main() -> None:
             line += f" {figures[f'c{clients}']['texts_per_s']:13.0f} {figures[f'c{clients}']['p99_ms']:11.1f}"
         top = max(f["texts_per_s"] for f in figures.values())
         print(line + f" {top / best:9.2f}")
+    print(f"\npaired by round (c{args.clients[-1]} texts/s, each round's figures over the same round's):")
+    for label, ratios in paired_ratios(limit_rounds, served_variant, served, args.clients[-1]):
+        print(f"  {label:40} {' '.join(f'{r:.2f}' for r in ratios)}   median {statistics.median(ratios):.2f}")
+
+
+def paired_ratios(limit_rounds: Rounds, variant: str, served: dict[str, dict[str, Rounds]],
+                  clients: int) -> list[tuple[str, list[float]]]:
+    """Per round: each row's texts/s at `clients` over the same round's limit, then the first row's over each
+    other row's. A ratio of medians pairs figures taken minutes apart; these pair figures of one round."""
+    rate = {row: [r["texts_per_s"] for r in figures[f"c{clients}"]] for row, figures in served.items()}
+    limit = [r[f"{variant}/best_texts_per_s"] for r in limit_rounds]
+    pairs = [(f"{row} / limit", [a / b for a, b in zip(values, limit, strict=True)]) for row, values in rate.items()]
+    first, *others = rate
+    pairs += [(f"{first} / {row}", [a / b for a, b in zip(rate[first], rate[row], strict=True)]) for row in others]
+    return pairs
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ def test_the_serving_bench_prints_a_row_per_configuration_and_peer(tiny_model, l
     tried = [v for k, v in limit.items() if k.startswith(f"{served}/") and " t" in k]  # layouts x budgets
     assert len(tried) >= 5 and limit[f"{served}/best_texts_per_s"] >= min(tried) > 0
     assert f"the limit below is {served}'s" in result.stdout
+    found = re.findall(r"^  (\S.*?)\s+([\d.]+) ([\d.]+)   median ([\d.]+)$", result.stdout, re.M)  # two rounds
+    paired = {label: (float(a), float(b), float(median)) for label, a, b, median in found}
+    rows = ["granian/auto", "granian/auto +aspects", pinned, "peer/plain"]
+    assert set(paired) == {f"{row} / limit" for row in rows} | {f"granian/auto / {row}" for row in rows[1:]}, paired
+    for a, b, median in paired.values():
+        assert a > 0 and b > 0 and median == pytest.approx((a + b) / 2, abs=0.006), paired
 
 
 def test_the_breakdown_accounts_for_the_threads_and_the_batches(tiny_model) -> None:
